@@ -1,0 +1,137 @@
+"""Training-step throughput of an SAE stack beside this machine's matmul roofline.
+
+The roofline is the time of the five matmuls a dense SAE step needs (encoder forward, decoder forward,
+decoder input- and weight-gradients, encoder weight-gradient: 10·d_in·d_sae FLOP per token), each measured
+here at the step's own shapes into preallocated outputs. A dense step can at best match it; a sparse (TopK)
+step can beat it. With --n_models > 1 the stack is also compared with one SAE fed the same number of
+tokens per step in one large batch. Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sparse_coding.saes import SAES, build_sae  # noqa: E402
+from utils import tune_allocator  # noqa: E402
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def roofline_step_seconds(M: int, B: int, d: int, f: int, device: torch.device, repeats: int) -> float:
+    """Gives the summed median times of the five matmuls of one dense step."""
+    x, W_enc, W_dec = (torch.randn(*s, device=device) for s in ((M, B, d), (M, d, f), (M, f, d)))
+    codes, g_codes, g_xhat = (
+        torch.randn(M, B, f, device=device),
+        torch.empty(M, B, f, device=device),
+        x.clone(),
+    )
+    enc_out, dec_out = torch.empty(M, B, f, device=device), torch.empty(M, B, d, device=device)
+    gW_dec, gW_enc = torch.empty(M, f, d, device=device), torch.empty(M, d, f, device=device)
+    gemms = [
+        lambda: torch.bmm(x, W_enc, out=enc_out),  # encoder forward
+        lambda: torch.bmm(codes, W_dec, out=dec_out),  # decoder forward
+        lambda: torch.bmm(g_xhat, W_dec.mT, out=g_codes),  # gradient w.r.t. the codes
+        lambda: torch.bmm(codes.mT, g_xhat, out=gW_dec),  # decoder weight gradient
+        lambda: torch.bmm(x.mT, g_codes, out=gW_enc),  # encoder weight gradient
+    ]
+    return sum(median_time(g, repeats) for g in gemms)
+
+
+def step_seconds(arch: str, M: int, B: int, d: int, f: int, k: int, device: torch.device, steps: int) -> float:
+    """Gives the median wall time of a full training step (forward, backward, fused Adam) of a stack."""
+    torch.manual_seed(0)
+    hparams = [{"k": k} if arch == "topk" else {"l1_alpha": 1e-3} for _ in range(M)]
+    sae = build_sae(arch, d, f, hparams).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(B, d, device=device)
+
+    def step() -> None:
+        out = sae.train_forward(x, stats=False)
+        out.loss.sum().backward()
+        sae.constrain_grads()
+        opt.step()
+        sae.constrain_weights()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return median_time(step, steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(SAES), default="relu")
+    p.add_argument("--d_in", type=int, default=512)
+    p.add_argument("--d_sae", type=int, default=8192)
+    p.add_argument("--k", type=int, default=32, help="TopK only")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step, per model")
+    p.add_argument("--n_models", type=int, default=1, help="SAEs stacked in lockstep")
+    p.add_argument("--steps", type=int, default=7, help="timed steps (the median is kept)")
+    p.add_argument("--repeats", type=int, default=7, help="timings per roofline matmul (the median is kept)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating step/roofline rounds (medians kept)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    tune_allocator()
+    device = torch.device(a.device)
+    M, B, d, f = a.n_models, a.batch, a.d_in, a.d_sae
+    # Rounds alternate step and roofline timings, so drift in the machine's speed hits both alike.
+    rounds = [
+        (
+            step_seconds(a.arch, M, B, d, f, a.k, device, a.steps),
+            roofline_step_seconds(M, B, d, f, device, a.repeats),
+        )
+        for _ in range(a.rounds)
+    ]
+    t_step = statistics.median(r[0] for r in rounds)
+    t_roof = statistics.median(r[1] for r in rounds)
+    ratio = statistics.median(r[1] / r[0] for r in rounds)
+    row = {
+        "arch": a.arch,
+        "d_in": d,
+        "d_sae": f,
+        "k": a.k if a.arch == "topk" else None,
+        "batch": B,
+        "n_models": M,
+        "tokens_per_s": round(M * B / t_step),
+        "roofline_tokens_per_s": round(M * B / t_roof),
+        "ratio": round(ratio, 3),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if M > 1:  # the rival: one SAE, same tokens per step in one batch
+        pairs = [
+            (
+                step_seconds(a.arch, 1, M * B, d, f, a.k, device, a.steps),
+                step_seconds(a.arch, M, B, d, f, a.k, device, a.steps),
+            )
+            for _ in range(a.rounds)
+        ]
+        row["single_sae_tokens_per_s"] = round(M * B / statistics.median(p[0] for p in pairs))
+        row["ratio_vs_single_sae"] = round(statistics.median(p[0] / p[1] for p in pairs), 3)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

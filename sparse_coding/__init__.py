@@ -1,0 +1,1 @@
+"""sparse_coding: take features out of superposition with sparse autoencoders."""

@@ -1,0 +1,164 @@
+"""`topk`: keep the k largest pre-activations (Gao et al. 2024; sparsify). k is the sparsity knob, no L1.
+Loss = FVU + auxk_alpha · AuxK, where AuxK asks the latents that have been dead for `dead_tokens_threshold`
+tokens to reconstruct the residual. The encoder starts as the decoder's transpose.
+
+The hot path never forms a dense [B, d_sae] gradient: the decoder is an embedding-bag over the k chosen
+rows, and the encoder's weight gradient is a sparse (CSR) matmul over the same k entries per token, so a
+step costs one dense matmul (the encoder forward) plus O(B·k·d_in) work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+
+# CSR matmul is all we use of torch's sparse support, and it is stable for that; the beta notice is noise.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+    saelens_architecture = "topk"
+    sweep_knob = "k"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hparams: list[dict[str, Any]],
+        auxk_alpha: float = 1 / 32,
+        dead_tokens_threshold: int = 10_000_000,
+        decoder_bias: bool = True,
+    ):
+        ks = [int(h["k"]) for h in hparams]
+        if not all(0 < k <= d_sae for k in ks):
+            raise ValueError(f"every k must be in 1..d_sae={d_sae}, got {ks}")
+        super().__init__(d_in, d_sae, len(hparams), decoder_bias)
+        self._hparams = [dict(h) for h in hparams]
+        self.ks, self.k_max = ks, max(ks)
+        self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
+        self.register_buffer("k", torch.tensor(ks))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
+        with torch.no_grad():
+            bound = d_in**-0.5
+            self.W_dec.uniform_(-bound, bound)
+            self.constrain_weights()
+            self.W_enc.copy_(self.W_dec)
+        self._cache = BufferCache()
+
+    def hparams(self, m: int) -> dict[str, Any]:
+        return dict(self._hparams[m])
+
+    def saelens_cfg(self, m: int) -> dict[str, Any]:
+        return {"k": self.ks[m], "rescale_acts_by_decoder_norm": False}
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """pre: [M, B, d_sae] → (values, indices) [M, B, k_max]; values ReLU'd, zero past each model's k."""
+        same_k = all(k == self.k_max for k in self.ks)
+        vals, idx = pre.topk(self.k_max, dim=-1, sorted=not same_k)
+        vals = vals.relu()
+        if not same_k:  # sorted, so rank r is kept by model m when r < k[m]
+            vals = vals * (torch.arange(self.k_max, device=pre.device) < self.k[:, None, None])
+        return vals, idx
+
+    def encode(self, x: Tensor) -> Tensor:
+        vals, idx = self.select(self.pre_acts(x))
+        return torch.zeros(*vals.shape[:2], self.d_sae, device=x.device, dtype=vals.dtype).scatter_(-1, idx, vals)
+
+    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+        M, B = self.n_models, x.shape[0]
+        W_dec = self.decoder()
+        dead = self.tokens_since_fired >= self.dead_tokens_threshold  # [M, d_sae]
+        n_dead = dead.sum(-1)
+        k_aux = min(self.d_in // 2, int(n_dead.max()))
+        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
+            x, self.W_enc, self.b_enc, self.b_dec, self, dead if k_aux > 0 else None, k_aux
+        )
+        x_hat = sparse_decode(vals, idx, W_dec) + self.b_dec[:, None, :]
+        err = x_hat - x
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        fvu = err.pow(2).sum(dim=(1, 2)) / total_variance
+        loss = fvu
+        extra: dict[str, Tensor] = {"fvu": fvu.detach()}
+        if k_aux > 0:
+            e_hat = sparse_decode(aux_vals, aux_idx, W_dec)
+            auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
+            scale = (n_dead.float() / (self.d_in // 2)).clamp(max=1.0)
+            loss = loss + self.auxk_alpha * scale * auxk
+            extra["auxk"] = auxk.detach()
+        with torch.no_grad():
+            fired = torch.zeros(M, self.d_sae, dtype=torch.bool, device=x.device)
+            fired.scatter_(-1, idx.reshape(M, -1), (vals > 0).reshape(M, -1))
+            self.tokens_since_fired.add_(B).masked_fill_(fired, 0)
+            l0 = (vals > 0).sum(-1).float().mean(-1)
+        return TrainOutput(loss=loss, mse=err.detach().pow(2).mean(dim=(1, 2)), l0=l0, fired=fired, extra=extra)
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """vals, idx: [M, B, k], W_dec: [M, d_sae, d_in] → Σ_k vals · W_dec[idx], [M, B, d_in] (no bias)."""
+    M, B, k = idx.shape
+    d_sae, d_in = W_dec.shape[1:]
+    offsets = (torch.arange(M, device=idx.device) * d_sae)[:, None, None]
+    out = F.embedding_bag(
+        (idx + offsets).reshape(M * B, k),
+        W_dec.reshape(M * d_sae, d_in),
+        per_sample_weights=vals.reshape(M * B, k),
+        mode="sum",
+    )
+    return out.view(M, B, d_in)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """Encoder forward (one dense matmul into a reused buffer, then top-k; optionally the AuxK top-k over
+    dead latents from the same pre-activations) with a backward that touches only the selected entries."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, sae: TopKSAE, dead: Tensor | None, k_aux: int):  # type: ignore[override]
+        cache: BufferCache = sae._cache
+        M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        pre = cache.get("pre", (M, B, F_), x)
+        torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
+        vals, idx = sae.select(pre)
+        if dead is not None:
+            pre.masked_fill_(~dead[:, None, :], float("-inf"))
+            aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=False)
+            aux_vals = aux_vals.relu()  # -inf (too few dead latents in this model) becomes 0
+        else:
+            aux_vals = x.new_zeros(M, B, 0)
+            aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)
+        ctx.center = sae.decoder_bias
+        ctx.save_for_backward(xc, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
+        xc, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        M, B, d_in = xc.shape
+        F_ = W_enc.shape[1]
+        if g_aux is None or aux_idx.shape[-1] == 0:
+            g, sel = g_vals * (vals > 0), idx
+        else:
+            g = torch.cat([g_vals * (vals > 0), g_aux * (aux_vals > 0)], dim=-1)
+            sel = torch.cat([idx, aux_idx], dim=-1)
+        K = sel.shape[-1]
+        cols = (sel + (torch.arange(M, device=sel.device) * F_)[:, None, None]).reshape(-1)
+        g_flat = g.reshape(-1)
+        g_b_enc = torch.zeros(M * F_, dtype=g.dtype, device=g.device).index_add_(0, cols, g_flat)
+        # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token]: a CSR matrix with one row
+        # per latent times the inputs.
+        order = torch.argsort(cols)
+        crow = torch.zeros(M * F_ + 1, dtype=torch.long, device=g.device)
+        crow[1:] = torch.bincount(cols, minlength=M * F_).cumsum(0)
+        grad_t = torch.sparse_csr_tensor(crow, order // K, g_flat[order], (M * F_, M * B), check_invariants=False)
+        g_W_enc = (grad_t @ xc.reshape(M * B, d_in)).view(M, F_, d_in)
+        g_b_enc = g_b_enc.view(M, F_)
+        g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
+        return None, g_W_enc, g_b_enc, g_b_dec, None, None, None
