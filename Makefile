@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # before anything else can pull a different build.
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean browser sshd
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,18 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) replicate_toy_models.py --preset cpu
 
-test: setup
+test: setup browser sshd
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Headless Chromium for the HTML report test (Debian's package; needs root for apt-get).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+# OpenSSH server, rsync and tmux for the vastai/ tests, which ssh into a throwaway sshd on loopback (needs root).
+sshd:
+	@test -x /usr/sbin/sshd && command -v rsync >/dev/null && command -v tmux >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server rsync tmux)
 
 lint: setup
 	$(PY) -m ruff check .
@@ -35,3 +44,16 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) outputs
+
+.PHONY: corpus tiny
+
+# The tiny transformer's offline corpus: the Debian package python3-doc (apt-get, as root), tokenized into
+# data/pydocs with a byte-level BPE trained on it. Skipped when already prepared.
+corpus: setup
+	sh scripts/install_corpus_package.sh
+	$(PY) scripts/prepare_corpus.py --source debian --out data/pydocs
+
+# Train the CPU-default tiny transformer into checkpoints/tiny, run.py's offline model (minutes on 2 cores).
+# Rerunning resumes an interrupted run; a finished one is only re-scored.
+tiny: setup corpus
+	$(PY) train_tiny.py --config nanoGPT_config/cpu_default.py

@@ -114,3 +114,16 @@ class ReconstructionMeter:
             fire_counts=self.fire_counts,
             n_examples=self.n,
         )
+
+
+def ce_loss_recovered(ce_clean: Tensor | float, ce_zero: Tensor | float, ce_sae: Tensor | float) -> Tensor | float:
+    """(CE_zero − CE_sae) / (CE_zero − CE_clean): 1 when splicing the reconstruction in at the hook leaves the
+    model's next-token loss as it was, 0 when it is as bad as zero-ablating the hook."""
+    return (ce_zero - ce_sae) / (ce_zero - ce_clean)
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """Mean over positions of KL(p ‖ q) in nats, p and q the softmaxes of logits [..., V]."""
+    logp = torch.log_softmax(logits_p.float(), dim=-1)
+    logq = torch.log_softmax(logits_q.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()

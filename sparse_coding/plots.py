@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -45,6 +46,24 @@ def heatmap(
                 color="white" if v < middle else "black",
             )
     fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def density_histograms(densities: dict[str, Any], title: str, path: str | Path) -> Path:
+    """Writes log10 feature-density histograms (one line per SAE); dead features are counted at the left edge."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-8, 0, 41)
+    for label, dens in densities.items():
+        d = np.asarray(dens, dtype=float)
+        ax.hist(np.log10(np.clip(d, 1e-8, None)), bins=bins, histtype="step", label=label)
+    ax.set_xlabel("log10 feature density (fraction of tokens it fires on; dead at -8)")
+    ax.set_ylabel("features")
+    ax.set_title(title)
+    if len(densities) <= 12:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

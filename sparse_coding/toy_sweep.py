@@ -12,12 +12,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sparse_coding import metrics
-from sparse_coding.io import save_sae, save_tensors, write_json
-from sparse_coding.plots import heatmap
-from sparse_coding.saes import SAE
+from sparse_coding.io import save_tensors, write_json
+from sparse_coding.report import evaluate, plot_grid, save_saes, sweep_rows
 from sparse_coding.toy import ToyDataConfig, ToyGenerator, check_toy_config
 from sparse_coding.train import (
     RESUMABLE_CHANGES,
@@ -118,23 +116,6 @@ class ToySource:
         self.gen.set_state(state["rng"])
 
 
-@torch.no_grad()
-def evaluate(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> list[metrics.ReconstructionStats]:
-    """Gives reconstruction statistics of every stack on the held-out set."""
-    meters = [metrics.ReconstructionMeter() for _ in stacks]
-    for xb in x_eval.split(batch_size):
-        for sae, meter in zip(stacks, meters, strict=True):
-            codes = sae.encode(xb)
-            meter.update(xb, sae.decode(codes), codes)
-    return [m.result() for m in meters]
-
-
-def sae_name(sae: SAE, m: int) -> str:
-    knob = sae.hparams(m)
-    tag = f"k{knob['k']}" if "k" in knob else f"l1_{knob['l1_alpha']:.4g}"
-    return f"{sae.architecture}_d{sae.d_sae}_{tag}"
-
-
 def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Trains the sweep (resuming a killed run in out_dir), evaluates it and writes everything there."""
     check_config(cfg)
@@ -158,7 +139,29 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
     x_eval = torch.cat([eval_gen.sample(cfg.batch_size)[0] for _ in range(-(-cfg.n_eval // cfg.batch_size))])
     x_eval = x_eval[: cfg.n_eval]
     stats = evaluate(stacks, x_eval, cfg.batch_size)
-    runs = collect_runs(cfg, stacks, stats, gen.features, out_dir, progress)
+
+    def truth_metrics(i: int, m: int) -> dict[str, float]:
+        dec = stacks[i].decoder()[m].detach()
+        return {
+            "mmcs": float(metrics.mmcs(gen.features, dec)),
+            "mmcs_share_above": float(metrics.share_above(gen.features, dec, cfg.mmcs_threshold)),
+        }
+
+    runs = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, truth_metrics, progress)
+    if cfg.save_saes:
+        meta = {
+            "model_name": "toy",
+            "hook_name": "toy",
+            "context_size": 1,
+            "dataset_path": "toy",
+            "seed": cfg.seed,
+            "lr": cfg.lr,
+            "n_steps": cfg.n_steps,
+            "batch_size": cfg.batch_size,
+            "l1_norm": cfg.l1_norm,
+            "tied": cfg.tied,
+        }
+        save_saes(stacks, stats, out_dir / "saes", meta)
     results = {"config": asdict(cfg), "runs": runs}
     write_json(out_dir / "results.json", results)
     plot_results(cfg, runs, out_dir)
@@ -166,86 +169,18 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
     return results
 
 
-def collect_runs(
-    cfg: ToyRunConfig,
-    stacks: list[SAE],
-    stats: list[metrics.ReconstructionStats],
-    truth: Tensor,
-    out_dir: Path,
-    progress: bool,
-) -> list[dict[str, Any]]:
-    """Gives one results row per grid point, saving each SAE on the way."""
-    ratios = cfg.dict_ratios()
-    runs = []
-    pairs = [(i, m) for m in range(stacks[0].n_models) for i in range(len(stacks))]
-    for i, m in tqdm(pairs, desc="metrics", disable=not progress):
-        sae, st = stacks[i], stats[i]
-        dec = sae.decoder()[m].detach()
-        larger = None
-        if i + 1 < len(stacks):
-            larger = metrics.mmcs_with_larger(dec, stacks[i + 1].decoder()[m].detach(), cfg.mmcs_threshold)
-        knob = sae.hparams(m)
-        runs.append(
-            {
-                "arch": sae.architecture,
-                "l1_alpha": knob.get("l1_alpha"),
-                "k": knob.get("k"),
-                "dict_ratio": ratios[i],
-                "dict_size": sae.d_sae,
-                "mmcs": float(metrics.mmcs(truth, dec)),
-                "mmcs_share_above": float(metrics.share_above(truth, dec, cfg.mmcs_threshold)),
-                "dead_features": int(st.dead_features[m]),
-                "fvu": float(st.fvu[m]),
-                "mse": float(st.mse[m]),
-                "l0": float(st.l0[m]),
-                "mmcs_with_larger": None if larger is None else larger["plain"],
-                "mmcs_with_larger_hungarian": None if larger is None else larger["hungarian"],
-                "mmcs_with_larger_share_above": None if larger is None else larger["share_above"],
-            }
-        )
-        if cfg.save_saes:
-            meta = {
-                "model_name": "toy",
-                "hook_name": "toy",
-                "context_size": 1,
-                "dataset_path": "toy",
-                "dict_ratio": ratios[i],
-                "seed": cfg.seed,
-                "lr": cfg.lr,
-                "n_steps": cfg.n_steps,
-                "batch_size": cfg.batch_size,
-                "l1_norm": cfg.l1_norm,
-                "tied": cfg.tied,
-            }
-            save_sae(out_dir / "saes" / sae_name(sae, m), sae, m, meta, st.feature_density[m])
-    return runs
-
-
 def plot_results(cfg: ToyRunConfig, runs: list[dict[str, Any]], out_dir: Path) -> None:
     """Writes the four heatmaps of the report (rows: l1 or k, columns: dictionary ratio)."""
-    knob = "k" if cfg.arch == "topk" else "l1_alpha"
-    rows = sorted({r[knob] for r in runs})
-    cols = sorted({r["dict_ratio"] for r in runs})
-    cell = {(r[knob], r["dict_ratio"]): r for r in runs}
-
-    def grid(key: str) -> list[list[float | None]]:
-        return [[cell[(a, b)][key] for b in cols] for a in rows]
-
-    row_labels = [f"{v:.3g}" for v in rows]
-    col_labels = [f"{v:g}" for v in cols]
-    truth = cfg.n_ground_truth / cfg.activation_dim
-    for key, name, title, fmt in (
-        ("mmcs", "mmcs_matrix.png", "MMCS with ground truth", "{:.2f}"),
-        ("dead_features", "dead_features_matrix.png", "dead features (never fired on eval)", "{:.0f}"),
-        ("fvu", "recon_loss_matrix.png", "reconstruction loss (FVU)", "{:.3f}"),
-        ("mmcs_with_larger", "mmcs_with_larger_matrix.png", "MMCS with next larger dictionary", "{:.2f}"),
-    ):
-        heatmap(
-            grid(key),
-            row_labels,
-            col_labels,
-            f"{title}; true features at ratio {truth:g}",
-            out_dir / name,
-            row_name=knob,
-            fmt=fmt,
-        )
+    truth = f"; true features at ratio {cfg.n_ground_truth / cfg.activation_dim:g}"
+    plot_grid(runs, "mmcs", "MMCS with ground truth" + truth, out_dir / "mmcs_matrix.png")
+    plot_grid(
+        runs,
+        "dead_features",
+        "dead features (never fired on eval)" + truth,
+        out_dir / "dead_features_matrix.png",
+        fmt="{:.0f}",
+    )
+    plot_grid(runs, "fvu", "reconstruction loss (FVU)" + truth, out_dir / "recon_loss_matrix.png", fmt="{:.3f}")
+    plot_grid(
+        runs, "mmcs_with_larger", "MMCS with next larger dictionary" + truth, out_dir / "mmcs_with_larger_matrix.png"
+    )

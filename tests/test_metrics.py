@@ -65,3 +65,17 @@ def test_reconstruction_meter_by_hand():
 def test_meter_without_batches_is_an_error():
     with pytest.raises(ValueError):
         metrics.ReconstructionMeter().result()
+
+
+def test_ce_loss_recovered_endpoints_and_midpoint():
+    assert metrics.ce_loss_recovered(2.0, 5.0, 2.0) == 1.0  # perfect reconstruction
+    assert metrics.ce_loss_recovered(2.0, 5.0, 5.0) == 0.0  # as bad as zero-ablation
+    assert metrics.ce_loss_recovered(2.0, 5.0, 3.5) == 0.5
+
+
+def test_kl_divergence_by_hand():
+    p = torch.log(torch.tensor([[0.5, 0.5]]))
+    q = torch.log(torch.tensor([[0.25, 0.75]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert metrics.kl_divergence(p, q).item() == pytest.approx(expected)
+    assert metrics.kl_divergence(p, p).item() == pytest.approx(0.0, abs=1e-7)

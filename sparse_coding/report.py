@@ -1,0 +1,91 @@
+"""What every sweep writes: one results row per SAE, the SAEs themselves, and grid heatmaps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sparse_coding import metrics
+from sparse_coding.io import save_sae
+from sparse_coding.plots import heatmap
+from sparse_coding.saes import SAE
+
+
+@torch.no_grad()
+def evaluate(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> list[metrics.ReconstructionStats]:
+    """Gives reconstruction statistics of every stack on held-out activations x_eval [N, d]."""
+    meters = [metrics.ReconstructionMeter() for _ in stacks]
+    for xb in x_eval.split(batch_size):
+        xb = xb.float()
+        for sae, meter in zip(stacks, meters, strict=True):
+            codes = sae.encode(xb)
+            meter.update(xb, sae.decode(codes), codes)
+    return [m.result() for m in meters]
+
+
+def sae_name(sae: SAE, m: int) -> str:
+    knob = sae.hparams(m)
+    tag = f"k{knob['k']}" if "k" in knob else f"l1_{knob['l1_alpha']:.4g}"
+    return f"{sae.architecture}_d{sae.d_sae}_{tag}"
+
+
+def sweep_rows(
+    stacks: list[SAE],
+    stats: list[metrics.ReconstructionStats],
+    ratios: list[float],
+    threshold: float,
+    extra: Callable[[int, int], dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Gives one row per SAE (stack i, model m): its knob, size and metrics, plus extra(i, m)."""
+    rows = []
+    pairs = [(i, m) for m in range(stacks[0].n_models) for i in range(len(stacks))]
+    for i, m in tqdm(pairs, desc="metrics", disable=not progress):
+        sae, st = stacks[i], stats[i]
+        larger = None
+        if i + 1 < len(stacks):
+            larger = metrics.mmcs_with_larger(sae.decoder()[m].detach(), stacks[i + 1].decoder()[m].detach(), threshold)
+        knob = sae.hparams(m)
+        rows.append(
+            {
+                "arch": sae.architecture,
+                "l1_alpha": knob.get("l1_alpha"),
+                "k": knob.get("k"),
+                "dict_ratio": ratios[i],
+                "dict_size": sae.d_sae,
+                "name": sae_name(sae, m),
+                "dead_features": int(st.dead_features[m]),
+                "fvu": float(st.fvu[m]),
+                "mse": float(st.mse[m]),
+                "l0": float(st.l0[m]),
+                "mmcs_with_larger": None if larger is None else larger["plain"],
+                "mmcs_with_larger_hungarian": None if larger is None else larger["hungarian"],
+                "mmcs_with_larger_share_above": None if larger is None else larger["share_above"],
+                **(extra(i, m) if extra else {}),
+            }
+        )
+    return rows
+
+
+def save_saes(
+    stacks: list[SAE], stats: list[metrics.ReconstructionStats], folder: Path, metadata: dict[str, Any]
+) -> None:
+    """Writes every SAE of every stack as a SAELens folder under `folder`, with its feature densities."""
+    for sae, st in zip(stacks, stats, strict=True):
+        for m in range(sae.n_models):
+            save_sae(folder / sae_name(sae, m), sae, m, metadata, st.feature_density[m])
+
+
+def plot_grid(runs: list[dict[str, Any]], key: str, title: str, path: Path, fmt: str = "{:.2f}") -> None:
+    """Heatmap of one metric over the sweep: rows are l1_alpha (or k), columns the dictionary ratio."""
+    knob = "k" if runs[0]["arch"] == "topk" else "l1_alpha"
+    rows = sorted({r[knob] for r in runs})
+    cols = sorted({r["dict_ratio"] for r in runs})
+    cell = {(r[knob], r["dict_ratio"]): r.get(key) for r in runs}
+    grid = [[cell.get((a, b)) for b in cols] for a in rows]
+    heatmap(grid, [f"{v:.3g}" for v in rows], [f"{v:g}" for v in cols], title, path, row_name=knob, fmt=fmt)

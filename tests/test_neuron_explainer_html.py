@@ -1,0 +1,65 @@
+"""The static HTML report, opened in headless Chromium (Debian's `chromium`; `make browser` installs it)."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from test_neuron_explainer import make_planted
+
+from neuron_explainer import RecordConfig, build_feature_records, interpret_features, write_html, write_summary
+from neuron_explainer.html import example_html
+from neuron_explainer.records import build_feature_record
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _dump_dom(path, profile) -> str:
+    """The DOM Chromium builds from the page (what a reader sees), as HTML text."""
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+        path.resolve().as_uri(),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_example_html_escapes_and_shades():
+    h = example_html(["<b>x</b>", ' "q"&'], [0.0, 2.0], 2.0)
+    assert "<b>x</b>" not in h and "&lt;b&gt;x&lt;/b&gt;" in h and "&quot;q&quot;&amp;" in h
+    assert "rgba(255, 120, 0, 1.00)" in h and "rgba(255, 120, 0, 0.00)" in h
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (run `make browser`)")
+def test_report_opens_in_headless_chromium(tmp_path):
+    ids, vocab, acts = make_planted(N=200)
+    records = build_feature_records(ids, acts[..., :2], vocab, cfg=RecordConfig(window=16))
+    # a feature whose tokens try to inject markup: it must show as text
+    evil = [["<script>alert(1)</script>", " ok", "</div>"]] * 4
+    records.append(build_feature_record(evil, np.array([[1.0, 0.0, 0.5]] * 4), 7, RecordConfig(window=3)))
+    interpret_features(records, tmp_path, "sae")
+    summary = json.loads(write_summary(tmp_path).read_text())
+    index = write_html(tmp_path, summary)
+
+    dom = _dump_dom(index, tmp_path / "profile")
+    assert "Feature interpretations" in dom
+    assert 'fires on " York" after " New"' in dom.replace("&quot;", '"')
+    assert dom.count('class="tok"') == 2 * 16 + 3  # one shaded top example per feature row
+    assert "<script>" not in dom and "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+    page = _dump_dom(tmp_path / "pages" / "sae_000001.html", tmp_path / "profile")
+    assert "York" in page and 'class="histogram"' in page and "<rect" in page
+    top = page.split('class="top-examples"', 1)[1].split("</div></div>", 1)[0]
+    assert top.count('class="example"') == 10 and top.count('class="tok"') == 10 * 16
+    assert "correlation_all" in page
