@@ -280,3 +280,18 @@ def _wrap_tokenizer(tok: Any, name: str) -> Tokenizer:
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy in nats: logits [B, T, V] at positions 0..T-2 predict tokens 1..T-1."""
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """Gives only the tokenizer of a model (no weights): a nanoGPT checkpoint's tokenizer.json, else HF's."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "train_summary.json").is_file():
+        from tokenizers import Tokenizer as RawTokenizer
+
+        return Tokenizer.from_tokenizers(RawTokenizer.from_file(str(path / "tokenizer.json")), str(path))
+    from transformers import AutoTokenizer
+
+    try:
+        return Tokenizer.from_hf(AutoTokenizer.from_pretrained(name), name)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {type(e).__name__}: {e}") from e
