@@ -152,4 +152,3 @@ def verdict(by_method: dict[str, Any]) -> str:
             + ")"
         )
     return f"SAE features ({sae:.3f}) do not score above " + ", ".join(f"{m} ({others[m]:.3f})" for m in beaten)
-

@@ -42,7 +42,7 @@ from sparse_coding.train import (
 from utils import UserError, resolve_device
 
 DEFAULT_MODEL = "checkpoints/tiny"  # made by `make tiny` (train_tiny.py)
-DEFAULT_DATASET = "data/corpus/val.txt"  # the offline corpus `make corpus` prepares
+DEFAULT_DATASET = "data/pydocs/train.jsonl"  # the offline corpus `make corpus` prepares (the tiny model's own)
 
 
 @dataclass
@@ -71,15 +71,17 @@ class RunConfig(SweepConfig):
     mmcs_threshold: float = 0.9
     use_wandb: bool = False  # key from WANDB_API_KEY or `wandb login`; WANDB_MODE=offline works
     wandb_project: str = "sparse_coding"
-    # the sweep: l1 = 10^(e/4), e in -6..2, dictionary 1×..8× the activation width
-    l1_exp_low: int = -6
-    l1_exp_high: int = 2
+    # The sweep, sized for the offline default on 2 cores (minutes): l1 = 10^(e/4), e in -2..1, which spans
+    # L0 ≈ 2..60 on the tiny model's MLP neurons; dictionaries 1×, 2×, 4× the activation width. On a GPU and a
+    # real model widen both (e.g. --l1_exp_low -8 --l1_exp_high 4 --dict_ratio_exp_high 5 --n_steps 20000).
+    l1_exp_low: int = -2
+    l1_exp_high: int = 1
     dict_ratio_exp_low: int = 0
-    dict_ratio_exp_high: int = 3
+    dict_ratio_exp_high: int = 2
     k_values: list[int] = field(default_factory=lambda: [8, 16, 32])
-    n_steps: int = 2000
-    batch_size: int = 1024
-    checkpoint_every: int = 250
+    n_steps: int = 600
+    batch_size: int = 512
+    checkpoint_every: int = 100
     dead_tokens_threshold: int = 200_000
 
 
@@ -272,6 +274,9 @@ def run_lm(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, An
     if (out_dir / "results.json").exists() and not (out_dir / "checkpoint").exists():
         raise UserError(f"{out_dir} already holds a finished run (results.json); choose another --out")
     device = resolve_device(cfg.device)
+    for given, default in ((cfg.model_name, DEFAULT_MODEL), (cfg.dataset_name, DEFAULT_DATASET)):
+        if given == default and not Path(default).exists():
+            raise UserError(f"the offline default {default} is missing; `make tiny` prepares the corpus and model")
     try:
         lm = load_language_model(cfg.model_name, device)
         hook = cfg.hook_name or lm.hook_for(cfg.layer, cfg.layer_loc)

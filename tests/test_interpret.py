@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from lm_fixtures import make_hf_gpt2, write_corpus
 
 import interpret
 import run
-from lm_fixtures import make_hf_gpt2, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
