@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # before anything else can pull a different build.
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup run test lint bench clean browser sshd
+.PHONY: setup run test lint bench clean browser sshd lm interpret
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,15 @@ sshd:
 lint: setup
 	$(PY) -m ruff check .
 
+# SAEs on the tiny model's activations (run.py's offline default), then autointerp of the best one.
+lm: tiny
+	$(PY) run.py
+
+interpret: setup
+	$(PY) interpret.py
+
 bench: setup
+	$(PY) bench/activations.py
 	$(PY) bench/sae_step.py --arch relu --d_in 512 --d_sae 8192 --batch 4096
 	$(PY) bench/sae_step.py --arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096
 	$(PY) bench/sae_step.py --arch relu --d_in 128 --d_sae 1024 --batch 4096 --n_models 8

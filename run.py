@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     tune_allocator()
     seed_everything(cfg.seed)
     results = run_lm(cfg, out_dir)
-    print(f"{len(results['runs'])} SAEs trained on {results['hook_name']}; results in {out_dir}")
+    if results:  # under torchrun only rank 0 reports
+        print(f"{len(results['runs'])} SAEs trained on {results['hook_name']}; results in {out_dir}")
 
 
 if __name__ == "__main__":

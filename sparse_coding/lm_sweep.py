@@ -23,10 +23,22 @@ from sparse_coding.activations import (
     cache_activations,
     check_compatible,
 )
-from sparse_coding.io import load_sae, read_json, write_json
+from sparse_coding.distributed import (
+    PARALLEL_MODES,
+    DistInfo,
+    RankSlice,
+    average_tensors,
+    barrier,
+    gather_json,
+    init_distributed,
+    my_models,
+    shutdown,
+    slice_stack,
+)
+from sparse_coding.io import load_sae, load_tensors, read_json, write_json
 from sparse_coding.lm import LanguageModel, ModelError, load_language_model, next_token_ce
 from sparse_coding.plots import density_histograms
-from sparse_coding.report import evaluate, plot_grid, sae_name, save_saes, sweep_rows
+from sparse_coding.report import evaluate, plot_grid, save_saes, sweep_rows
 from sparse_coding.saes import SAE
 from sparse_coding.text import DatasetError, chunk_and_tokenize, load_texts
 from sparse_coding.train import (
@@ -70,6 +82,7 @@ class RunConfig(SweepConfig):
     ce_eval_rows: int = 32  # held-out context rows for CE loss recovered and KL (0: skip)
     mmcs_threshold: float = 0.9
     use_wandb: bool = False  # key from WANDB_API_KEY or `wandb login`; WANDB_MODE=offline works
+    parallel: str = "models"  # under torchrun: 'models' splits the sweep's SAEs over ranks, 'data' splits batches
     wandb_project: str = "sparse_coding"
     # The sweep, sized for the offline default on 2 cores (minutes): l1 = 10^(e/4), e in -2..1, which spans
     # L0 ≈ 2..60 on the tiny model's MLP neurons; dictionaries 1×, 2×, 4× the activation width. On a GPU and a
@@ -153,27 +166,24 @@ def check_config(cfg: RunConfig) -> None:
         )
     if not 0 < cfg.n_eval_chunks < cfg.n_chunks:
         raise UserError("n_eval_chunks must be at least 1 and leave at least one chunk for training")
+    if cfg.parallel not in PARALLEL_MODES:
+        raise UserError(f"parallel must be one of {', '.join(PARALLEL_MODES)}")
     if cfg.ce_eval_rows < 0:
         raise UserError("ce_eval_rows must be ≥ 0")
+
+
+def activations_folder(cfg: RunConfig, lm: LanguageModel, hook: str) -> Path:
+    if cfg.activations_dir:
+        return Path(cfg.activations_dir)
+    shape = f"T{cfg.max_length}_c{cfg.chunk_size_tokens}_{cfg.activation_dtype}"
+    return Path("data/activations") / "__".join([_slug(lm.name), _slug(hook), _slug(cfg.dataset_name), shape])
 
 
 def prepare_activations(cfg: RunConfig, lm: LanguageModel, hook: str, progress: bool) -> ActivationDataset:
     """Gives the stored activations for this model, hook and data, computing (or finishing) them if needed."""
     d = lm.activations(torch.zeros(1, 2, dtype=torch.long), hook).shape[-1]
     identity = activation_identity(cfg, lm, hook, d)
-    folder = (
-        Path(cfg.activations_dir)
-        if cfg.activations_dir
-        else Path("data/activations")
-        / "__".join(
-            [
-                _slug(lm.name),
-                _slug(hook),
-                _slug(cfg.dataset_name),
-                f"T{cfg.max_length}_c{cfg.chunk_size_tokens}_{cfg.activation_dtype}",
-            ]
-        )
-    )
+    folder = activations_folder(cfg, lm, hook)
     rows_per_chunk = cfg.chunk_size_tokens // cfg.max_length
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
@@ -269,43 +279,74 @@ def ce_and_kl(lm: LanguageModel, hook: str, stack: SAE, tokens: Tensor, budget: 
 
 
 def run_lm(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Caches activations (or reuses them), trains the sweep with resume, evaluates and writes the run folder."""
+    """Caches activations (or reuses them), trains the sweep with resume, evaluates and writes the run folder.
+    Under torchrun every rank calls this; see sparse_coding/distributed.py for how the work is split."""
     check_config(cfg)
     if (out_dir / "results.json").exists() and not (out_dir / "checkpoint").exists():
         raise UserError(f"{out_dir} already holds a finished run (results.json); choose another --out")
-    device = resolve_device(cfg.device)
     for given, default in ((cfg.model_name, DEFAULT_MODEL), (cfg.dataset_name, DEFAULT_DATASET)):
         if given == default and not Path(default).exists():
             raise UserError(f"the offline default {default} is missing; `make tiny` prepares the corpus and model")
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        return _run(cfg, out_dir, device, info, progress and info.is_main)
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: RunConfig, out_dir: Path, device: torch.device, info: DistInfo, progress: bool) -> dict[str, Any]:
     try:
         lm = load_language_model(cfg.model_name, device)
         hook = cfg.hook_name or lm.hook_for(cfg.layer, cfg.layer_loc)
         lm.check_hook(hook)
-        data = prepare_activations(cfg, lm, hook, progress)
-    except (ModelError, DatasetError, StoreError) as e:
+    except ModelError as e:
         raise UserError(str(e)) from e
+    error = None
+    if info.is_main:  # one process computes the activations; the others wait for its word
+        try:
+            prepare_activations(cfg, lm, hook, progress)
+        except (DatasetError, StoreError) as e:
+            error = str(e)
+    errors = [e for e in gather_json(error, info, device) if e]
+    if errors:
+        raise UserError(errors[0])
+    data = ActivationDataset.open(activations_folder(cfg, lm, hook))
     d = data.d
     try:
         check_sweep_config(cfg, d)
     except ValueError as e:
         raise UserError(str(e)) from e
-    write_json(out_dir / "config.json", asdict(cfg))
+    if info.is_main:
+        write_json(out_dir / "config.json", asdict(cfg))
 
-    train_ids = list(range(cfg.n_chunks - cfg.n_eval_chunks))
-    eval_ids = list(range(cfg.n_chunks - cfg.n_eval_chunks, cfg.n_chunks))
     stacks = build_stacks(cfg, d, device)
     if cfg.load_autoencoders:
-        print(f"continuing from {len(load_into_stacks(stacks, Path(cfg.load_autoencoders)))} saved SAEs")
-    trainer = Trainer(stacks, lr=cfg.lr)
-    source = ChunkSource(data, train_ids, cfg.seed, device, cfg.mix_chunks)
+        n = len(load_into_stacks(stacks, Path(cfg.load_autoencoders)))
+        if info.is_main:
+            print(f"continuing from {n} saved SAEs")
+    sharded = info.active and cfg.parallel == "models"
+    data_parallel = info.active and cfg.parallel == "data"
+    if sharded:
+        mine = my_models(stacks[0].n_models, info)
+        if not mine:
+            raise UserError(f"{info.world} processes but only {stacks[0].n_models} grid points; use --parallel data")
+        stacks = [slice_stack(s, mine, cfg.sae_options()) for s in stacks]
+    if data_parallel and cfg.batch_size % info.world:
+        raise UserError(f"batch_size {cfg.batch_size} must divide evenly over {info.world} processes")
+    sync = (lambda ts: average_tensors(ts, info)) if data_parallel else None
+    trainer = Trainer(stacks, lr=cfg.lr, sync=sync)
+    source: Any = ChunkSource(data, list(range(cfg.n_chunks - cfg.n_eval_chunks)), cfg.seed, device, cfg.mix_chunks)
+    if data_parallel:
+        source = RankSlice(source, info)
     try:
-        eval_parts = [data.load_chunk(i) for i in eval_ids]
+        eval_parts = [data.load_chunk(i) for i in range(cfg.n_chunks - cfg.n_eval_chunks, cfg.n_chunks)]
     except StoreError as e:
         raise UserError(str(e)) from e
     x_eval = torch.cat([a for a, _ in eval_parts]).to(device)
     eval_tokens = torch.cat([t for _, t in eval_parts]).long()[: cfg.ce_eval_rows]
-    fingerprint = config_fingerprint({**asdict(cfg), "d": d}, RESUMABLE_CHANGES + ("mini_runs",))
-    logger = _wandb(cfg, out_dir)
+    fingerprint = config_fingerprint({**asdict(cfg), "d": d, "world": info.world}, RESUMABLE_CHANGES + ("mini_runs",))
+    ckpt_dir = out_dir / "checkpoint" / (f"rank{info.rank}" if info.active else "")
+    logger = _wandb(cfg, out_dir) if info.is_main else None
 
     def on_log(step: int, logs: list[dict[str, Tensor]]) -> None:
         if logger is not None:
@@ -323,24 +364,32 @@ def run_lm(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, An
     for run in range(1, cfg.mini_runs + 1):
         steps = cfg.n_steps * run // cfg.mini_runs
         try:
-            train(trainer, source, _with_steps(cfg, steps), out_dir / "checkpoint", fingerprint, on_log, progress)
+            train(trainer, source, _with_steps(cfg, steps), ckpt_dir, fingerprint, on_log, progress)
         except (CheckpointMismatch, StoreError) as e:
             raise UserError(str(e)) from e
-        results = report(cfg, lm, hook, data, stacks, x_eval, eval_tokens, out_dir, steps, progress)
-        if logger is not None:
-            logger.log(
-                {
-                    f"eval/{r['name']}/{k}": v
-                    for r in results["runs"]
-                    for k, v in r.items()
-                    if isinstance(v, (int, float)) and v is not None
-                },
-                step=steps,
-            )
-        print(f"pass {run}/{cfg.mini_runs}: step {steps}, results in {out_dir / 'results.json'}")
+        if info.is_main or sharded:
+            rows = evaluate_and_save(cfg, lm, hook, data, stacks, x_eval, eval_tokens, out_dir, steps, progress)
+        else:
+            rows = []  # data parallel: every rank holds the same SAEs; rank 0 reports them
+        all_rows = [r for part in gather_json(rows, info, device) for r in part]
+        if info.is_main:
+            results = write_report(cfg, lm, hook, data, all_rows, out_dir, steps)
+            if logger is not None:
+                logger.log(
+                    {
+                        f"eval/{r['name']}/{k}": v
+                        for r in results["runs"]
+                        for k, v in r.items()
+                        if isinstance(v, (int, float)) and v is not None
+                    },
+                    step=steps,
+                )
+            print(f"pass {run}/{cfg.mini_runs}: step {steps}, results in {out_dir / 'results.json'}")
     if logger is not None:
         logger.finish()
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    barrier(info)
+    if info.is_main:
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return results
 
 
@@ -348,7 +397,7 @@ def _with_steps(cfg: RunConfig, n_steps: int) -> RunConfig:
     return replace(cfg, n_steps=n_steps)
 
 
-def report(
+def evaluate_and_save(
     cfg: RunConfig,
     lm: LanguageModel,
     hook: str,
@@ -359,8 +408,8 @@ def report(
     out_dir: Path,
     steps: int,
     progress: bool,
-) -> dict[str, Any]:
-    """Evaluates every SAE, writes results.json, the SAEs and the plots; gives the results."""
+) -> list[dict[str, Any]]:
+    """Evaluates this process's SAEs, saves them, and gives their results rows."""
     stats = evaluate(stacks, x_eval, cfg.batch_size)
     through_model: list[dict[str, Tensor] | None] = [None] * len(stacks)
     if lm.has_lm_head and cfg.ce_eval_rows > 0:
@@ -376,7 +425,7 @@ def report(
             "ce_loss_spliced": None if t is None else float(t["ce_sae"][m]),
         }
 
-    runs = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, progress)
+    rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, progress)
     meta = {
         "model_name": lm.name,
         "hook_name": hook,
@@ -391,6 +440,26 @@ def report(
         "tied": cfg.tied,
     }
     save_saes(stacks, stats, out_dir / "saes", meta)
+    return rows
+
+
+def write_report(
+    cfg: RunConfig,
+    lm: LanguageModel,
+    hook: str,
+    data: ActivationDataset,
+    rows: list[dict[str, Any]],
+    out_dir: Path,
+    steps: int,
+) -> dict[str, Any]:
+    """Writes results.json (rows in grid order, whichever process trained them) and the plots; gives the results."""
+    grid = [tuple(sorted(h.items())) for h in cfg.hparam_grid()]
+    knob = "k" if cfg.arch == "topk" else "l1_alpha"
+
+    def grid_index(r: dict[str, Any]) -> int:
+        return next(i for i, h in enumerate(grid) if math.isclose(float(dict(h)[knob]), float(r[knob])))
+
+    runs = sorted(rows, key=lambda r: (grid_index(r), r["dict_size"]))
     results = {
         "config": asdict(cfg),
         "steps_trained": steps,
@@ -410,14 +479,15 @@ def report(
     )
     plot_grid(runs, "fvu", "fraction of variance unexplained", out_dir / "fvu_matrix.png", fmt="{:.3f}")
     plot_grid(runs, "l0", "L0 (active features per token)", out_dir / "l0_matrix.png", fmt="{:.1f}")
-    if through_model[0] is not None:
+    if runs[0]["ce_loss_recovered"] is not None:
         plot_grid(runs, "ce_loss_recovered", "CE loss recovered", out_dir / "ce_loss_recovered_matrix.png")
-    for sae, st in zip(stacks, stats, strict=True):
-        density_histograms(
-            {sae_name(sae, m): st.feature_density[m] for m in range(sae.n_models)},
-            f"feature density, d_sae={sae.d_sae}",
-            out_dir / f"feature_density_d{sae.d_sae}.png",
-        )
+    for size in sorted({r["dict_size"] for r in runs}):  # densities from the saved SAEs, whoever trained them
+        densities = {
+            r["name"]: 10 ** load_tensors(out_dir / "saes" / r["name"] / "sparsity.safetensors")["sparsity"].double()
+            for r in runs
+            if r["dict_size"] == size
+        }
+        density_histograms(densities, f"feature density, d_sae={size}", out_dir / f"feature_density_d{size}.png")
     return results
 
 

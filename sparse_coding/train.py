@@ -111,8 +111,10 @@ class BatchSource(Protocol):
 class Trainer:
     """Steps every stack on the same batch; one fused Adam over all parameters."""
 
-    def __init__(self, stacks: list[SAE], lr: float):
-        self.stacks = stacks
+    def __init__(self, stacks: list[SAE], lr: float, sync: Callable[[list[Tensor]], None] | None = None):
+        """sync, when given, averages tensors in place across data-parallel processes (b_dec's data-mean start,
+        then every step's gradients)."""
+        self.stacks, self.sync = stacks, sync
         self.params = [p for s in stacks for p in s.parameters()]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.opt = torch.optim.Adam(self.params, lr=lr, fused=fused)
@@ -123,11 +125,15 @@ class Trainer:
         if self.step_count == 0:
             for s in self.stacks:
                 s.init_b_dec(x)
+            if self.sync is not None:
+                self.sync([s.b_dec.data for s in self.stacks])
         logs = []
         for s in self.stacks:  # backward per stack frees its activations before the next stack runs
             out = s.train_forward(x, stats=stats)
             out.loss.sum().backward()
             logs.append({"loss": out.loss.detach(), "mse": out.mse, "l0": out.l0} if stats else {})
+        if self.sync is not None:
+            self.sync([p.grad for p in self.params if p.grad is not None])
         for s in self.stacks:
             s.constrain_grads()
         self.opt.step()

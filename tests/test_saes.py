@@ -153,3 +153,15 @@ def test_registry_and_bad_arguments():
         build_sae("topk", 4, 8, [{"k": 9}])
     with pytest.raises(ValueError, match="l1_norm"):
         build_sae("relu", 4, 8, [{"l1_alpha": 1.0}], l1_norm="bogus")
+
+
+def test_topk_counts_a_latent_as_fired_if_any_token_fires_it():
+    """Token 1 picks latent 0 (1.0) and latent 1 (0.0); token 2 the reverse: both fired, latent 2 did not."""
+    sae = build_sae("topk", 2, 3, [{"k": 2}], decoder_bias=False, dead_tokens_threshold=10**9)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-0.1, -0.1]]]))
+        sae.b_enc.zero_()
+    for order in ([[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]):
+        out = sae.train_forward(torch.tensor(order))
+        assert out.fired[0].tolist() == [True, True, False]
+        out.loss.sum().backward()

@@ -60,10 +60,11 @@ class TopKSAE(SAE):
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """pre: [M, B, d_sae] → (values, indices) [M, B, k_max]; values ReLU'd, zero past each model's k."""
-        same_k = all(k == self.k_max for k in self.ks)
-        vals, idx = pre.topk(self.k_max, dim=-1, sorted=not same_k)
+        # Sorted (costs ~2% over unsorted here), so rank r is kept by model m when r < k[m], and an SAE sums its
+        # latents in the same order whichever other k share its stack: results do not depend on the stacking.
+        vals, idx = pre.topk(self.k_max, dim=-1, sorted=True)
         vals = vals.relu()
-        if not same_k:  # sorted, so rank r is kept by model m when r < k[m]
+        if any(k != self.k_max for k in self.ks):
             vals = vals * (torch.arange(self.k_max, device=pre.device) < self.k[:, None, None])
         return vals, idx
 
@@ -93,8 +94,10 @@ class TopKSAE(SAE):
             loss = loss + self.auxk_alpha * scale * auxk
             extra["auxk"] = auxk.detach()
         with torch.no_grad():
-            fired = torch.zeros(M, self.d_sae, dtype=torch.bool, device=x.device)
-            fired.scatter_(-1, idx.reshape(M, -1), (vals > 0).reshape(M, -1))
+            # Counts, not a boolean scatter: a latent chosen by several tokens, positive for some and zero for
+            # others, must come out as fired whichever write lands last.
+            fires = torch.zeros(M, self.d_sae, device=x.device, dtype=torch.float32)
+            fired = fires.scatter_add_(-1, idx.reshape(M, -1), (vals > 0).reshape(M, -1).float()) > 0
             self.tokens_since_fired.add_(B).masked_fill_(fired, 0)
             l0 = (vals > 0).sum(-1).float().mean(-1)
         return TrainOutput(loss=loss, mse=err.detach().pow(2).mean(dim=(1, 2)), l0=l0, fired=fired, extra=extra)
@@ -128,7 +131,7 @@ class _TopKEncode(torch.autograd.Function):
         vals, idx = sae.select(pre)
         if dead is not None:
             pre.masked_fill_(~dead[:, None, :], float("-inf"))
-            aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=False)
+            aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=True)  # sorted: see select()
             aux_vals = aux_vals.relu()  # -inf (too few dead latents in this model) becomes 0
         else:
             aux_vals = x.new_zeros(M, B, 0)
@@ -154,7 +157,7 @@ class _TopKEncode(torch.autograd.Function):
         g_b_enc = torch.zeros(M * F_, dtype=g.dtype, device=g.device).index_add_(0, cols, g_flat)
         # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token]: a CSR matrix with one row
         # per latent times the inputs.
-        order = torch.argsort(cols)
+        order = torch.argsort(cols, stable=True)  # stable: each latent sums its tokens in one fixed order
         crow = torch.zeros(M * F_ + 1, dtype=torch.long, device=g.device)
         crow[1:] = torch.bincount(cols, minlength=M * F_).cumsum(0)
         grad_t = torch.sparse_csr_tensor(crow, order // K, g_flat[order], (M * F_, M * B), check_invariants=False)
