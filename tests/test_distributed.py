@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from lm_fixtures import make_hf_gpt2, write_corpus
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
