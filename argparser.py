@@ -55,6 +55,31 @@ def build_parser(cls: type, description: str, presets: Sequence[str] = ()) -> ar
     return parser
 
 
+def _coerce(name: str, value: Any, field_type: Any) -> Any:
+    """Gives a config-file value as its field's type (YAML reads `1e-3` as a string), or a clear UserError."""
+    origin = typing.get_origin(field_type)
+    args = [a for a in typing.get_args(field_type) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return None if value is None else _coerce(name, value, args[0])
+    try:
+        if origin is list:
+            items = value if isinstance(value, list) else [value]
+            return [_coerce(name, v, args[0]) for v in items]
+        if field_type is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false", "yes", "no", "1", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+        if field_type is int and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        return field_type(float(value)) if field_type is int else field_type(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"config file field {name}: expected {getattr(field_type, '__name__', field_type)}, got {value!r}"
+        ) from None
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -78,14 +103,18 @@ def parse_config(
     """Parses argv into an instance of `cls` (see the module docstring for precedence)."""
     presets = presets or {}
     args = vars(build_parser(cls, description, list(presets)).parse_args(argv))
-    preset = args.pop("preset", default_preset)
     config_path = args.pop("config", None)
-    cfg = presets[preset]() if preset else cls()
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     overrides = read_config_file(config_path) if config_path else {}
+    preset = args.pop("preset", None) or overrides.pop("preset", None) or default_preset  # a flag beats the file
+    if preset is not None and preset not in presets:
+        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+    cfg = presets[preset]() if preset else cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise UserError(f"config file has unknown field(s): {', '.join(unknown)}")
+    overrides = {k: _coerce(k, v, hints[k]) for k, v in overrides.items()}
     overrides.update(args)
     if "preset" in names and preset:
         overrides["preset"] = preset

@@ -81,6 +81,11 @@ class ActivationDataset:
         return acts, tokens
 
 
+def first_missing_chunk(folder: Path, n: int) -> int:
+    """Gives the index of the first of chunks 0..n-1 missing from folder (n if none): where caching resumes."""
+    return next((i for i in range(n) if not (folder / chunk_name(i)).is_file()), n)
+
+
 def check_compatible(stored: dict[str, Any], wanted: dict[str, Any], folder: Path) -> None:
     diffs = [
         f"{k}: stored {stored.get(k)!r}, asked {wanted[k]!r}"
@@ -118,7 +123,7 @@ def cache_activations(
     if (folder / MANIFEST).is_file():
         manifest = read_json(folder / MANIFEST)
         check_compatible(manifest, {**identity, "context_length": tokens.shape[1]}, folder)
-        done = sum(1 for i in range(int(manifest["n_chunks"])) if (folder / chunk_name(i)).is_file())
+        done = first_missing_chunk(folder, int(manifest["n_chunks"]))
     else:
         manifest = {
             **identity,

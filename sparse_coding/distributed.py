@@ -5,7 +5,9 @@ Two ways to split the work, both reading the same activation chunks in the same 
   a grid point on the same rank so MMCS with the larger dictionary stays local). Every rank first builds the whole
   sweep from the same seed, then keeps its slice, so each SAE starts, and trains, exactly as in one process.
 - "data": every rank holds every SAE and trains it on its 1/N slice of each batch; gradients are averaged across
-  ranks (DDP-style), which equals one process on the whole batch for mean-over-batch losses.
+  ranks (DDP-style), which equals one process on the whole batch for mean-over-batch losses (relu's MSE + L1).
+  For TopK it is an approximation: FVU is normalised by each slice's own variance, and dead latents (AuxK) are
+  judged on each rank's own tokens.
 gloo on CPU, nccl on CUDA. Metadata crosses ranks as JSON in uint8 tensors (nothing is pickled).
 """
 

@@ -3,6 +3,7 @@ held-out chunks, explanations, simulations and scores through `neuron_explainer`
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,15 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
         raise UserError(f"the stored activations have d={dense.shape[-1]}, the SAE expects d_in={sae.d_in}")
     out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
     out.mkdir(parents=True, exist_ok=True)
+    # Finished features are reused on a rerun, so they must come from the same settings.
+    settings = {
+        **{k: v for k, v in asdict(cfg).items() if k not in ("out", "max_concurrency")},
+        "sae_dir": str(sae_dir.resolve()),
+    }
+    settings_path = out / "interpret_settings.json"
+    if settings_path.is_file() and read_json(settings_path) != json.loads(json.dumps(settings)):
+        raise UserError(f"{out} holds features made with other settings; use another --out (or the same settings)")
+    write_json(settings_path, settings)
 
     with torch.no_grad():
         codes = torch.cat([sae.encode(x)[0] for x in dense.flatten(0, 1).split(4096)]).view(*dense.shape[:2], -1)

@@ -132,6 +132,15 @@ class LanguageModel:
             hint = f"; modules with that ending: {', '.join(near[:6])}" if near else ""
             raise ModelError(f"{self.name} has no module {hook_name!r}{hint}") from None
 
+    def context_length(self) -> int | None:
+        """Gives the longest input the model takes (None when its config does not say)."""
+        cfg = getattr(self.model, "config", None)
+        for key in ("n_positions", "max_position_embeddings", "n_ctx", "block_size"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
     # --- forward passes -----------------------------------------------------------------------------------
     def _forward(self, tokens: Tensor) -> Any:
         return self.model(input_ids=tokens)
@@ -200,6 +209,9 @@ class TransformerLensModel(LanguageModel):
 
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
+
+    def context_length(self) -> int | None:
+        return self.model.cfg.n_ctx
 
     def hook_for(self, layer: int, layer_loc: str) -> str:
         if layer_loc not in LAYER_LOCS:

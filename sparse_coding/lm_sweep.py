@@ -22,6 +22,7 @@ from sparse_coding.activations import (
     StoreError,
     cache_activations,
     check_compatible,
+    first_missing_chunk,
 )
 from sparse_coding.distributed import (
     PARALLEL_MODES,
@@ -47,6 +48,7 @@ from sparse_coding.train import (
     SweepConfig,
     Trainer,
     build_stacks,
+    check_resumable,
     check_sweep_config,
     config_fingerprint,
     train,
@@ -189,7 +191,7 @@ def prepare_activations(cfg: RunConfig, lm: LanguageModel, hook: str, progress: 
     if manifest_path.is_file():
         stored = read_json(manifest_path)
         check_compatible(stored, identity, folder)
-        if int(stored["n_chunks"]) >= cfg.n_chunks:
+        if first_missing_chunk(folder, cfg.n_chunks) == cfg.n_chunks:
             print(f"reusing stored activations in {folder}")
             return ActivationDataset(folder, stored)
     texts = load_texts(cfg.dataset_name, cfg.text_field, cfg.dataset_split, cfg.max_docs)
@@ -301,12 +303,17 @@ def _run(cfg: RunConfig, out_dir: Path, device: torch.device, info: DistInfo, pr
         lm.check_hook(hook)
     except ModelError as e:
         raise UserError(str(e)) from e
+    context = lm.context_length()
+    if context is not None and cfg.max_length > context:
+        raise UserError(f"max_length {cfg.max_length} is longer than {lm.name}'s context of {context} tokens")
     error = None
     if info.is_main:  # one process computes the activations; the others wait for its word
         try:
             prepare_activations(cfg, lm, hook, progress)
-        except (DatasetError, StoreError) as e:
+        except (DatasetError, StoreError, ModelError) as e:
             error = str(e)
+        except (ValueError, RuntimeError) as e:  # from inside the model; said once here, not as a traceback
+            error = f"the model failed while caching activations: {type(e).__name__}: {e}"
     errors = [e for e in gather_json(error, info, device) if e]
     if errors:
         raise UserError(errors[0])
@@ -315,6 +322,12 @@ def _run(cfg: RunConfig, out_dir: Path, device: torch.device, info: DistInfo, pr
     try:
         check_sweep_config(cfg, d)
     except ValueError as e:
+        raise UserError(str(e)) from e
+    fingerprint = config_fingerprint({**asdict(cfg), "d": d, "world": info.world}, RESUMABLE_CHANGES + ("mini_runs",))
+    ckpt_dir = out_dir / "checkpoint" / (f"rank{info.rank}" if info.active else "")
+    try:
+        check_resumable(ckpt_dir, fingerprint)
+    except CheckpointMismatch as e:
         raise UserError(str(e)) from e
     if info.is_main:
         write_json(out_dir / "config.json", asdict(cfg))
@@ -327,14 +340,20 @@ def _run(cfg: RunConfig, out_dir: Path, device: torch.device, info: DistInfo, pr
     sharded = info.active and cfg.parallel == "models"
     data_parallel = info.active and cfg.parallel == "data"
     if sharded:
-        mine = my_models(stacks[0].n_models, info)
-        if not mine:
+        if stacks[0].n_models < info.world:  # decided alike on every rank, so none is left waiting
             raise UserError(f"{info.world} processes but only {stacks[0].n_models} grid points; use --parallel data")
-        stacks = [slice_stack(s, mine, cfg.sae_options()) for s in stacks]
+        stacks = [slice_stack(s, my_models(stacks[0].n_models, info), cfg.sae_options()) for s in stacks]
+    n_train = cfg.n_chunks - cfg.n_eval_chunks
+    smallest_group = (n_train % cfg.mix_chunks or min(cfg.mix_chunks, n_train)) * cfg.chunk_size_tokens
+    if cfg.batch_size > smallest_group:
+        raise UserError(
+            f"batch_size {cfg.batch_size} exceeds the {smallest_group} tokens of the smallest chunk group "
+            "(raise chunk_size_tokens or mix_chunks, or lower batch_size)"
+        )
     if data_parallel and cfg.batch_size % info.world:
         raise UserError(f"batch_size {cfg.batch_size} must divide evenly over {info.world} processes")
     sync = (lambda ts: average_tensors(ts, info)) if data_parallel else None
-    trainer = Trainer(stacks, lr=cfg.lr, sync=sync)
+    trainer = Trainer(stacks, lr=cfg.lr, sync=sync, init_b_dec=not cfg.load_autoencoders)
     source: Any = ChunkSource(data, list(range(cfg.n_chunks - cfg.n_eval_chunks)), cfg.seed, device, cfg.mix_chunks)
     if data_parallel:
         source = RankSlice(source, info)
@@ -344,8 +363,6 @@ def _run(cfg: RunConfig, out_dir: Path, device: torch.device, info: DistInfo, pr
         raise UserError(str(e)) from e
     x_eval = torch.cat([a for a, _ in eval_parts]).to(device)
     eval_tokens = torch.cat([t for _, t in eval_parts]).long()[: cfg.ce_eval_rows]
-    fingerprint = config_fingerprint({**asdict(cfg), "d": d, "world": info.world}, RESUMABLE_CHANGES + ("mini_runs",))
-    ckpt_dir = out_dir / "checkpoint" / (f"rank{info.rank}" if info.active else "")
     logger = _wandb(cfg, out_dir) if info.is_main else None
 
     def on_log(step: int, logs: list[dict[str, Tensor]]) -> None:
@@ -367,6 +384,8 @@ def _run(cfg: RunConfig, out_dir: Path, device: torch.device, info: DistInfo, pr
             train(trainer, source, _with_steps(cfg, steps), ckpt_dir, fingerprint, on_log, progress)
         except (CheckpointMismatch, StoreError) as e:
             raise UserError(str(e)) from e
+        if trainer.step_count > steps:  # resumed past this pass: its weights are gone, report at a later pass
+            continue
         if info.is_main or sharded:
             rows = evaluate_and_save(cfg, lm, hook, data, stacks, x_eval, eval_tokens, out_dir, steps, progress)
         else:

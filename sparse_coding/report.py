@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sparse_coding import metrics
-from sparse_coding.io import save_sae
+from sparse_coding.io import finite_or_none, save_sae
 from sparse_coding.plots import heatmap
 from sparse_coding.saes import SAE
 
@@ -51,24 +51,24 @@ def sweep_rows(
         if i + 1 < len(stacks):
             larger = metrics.mmcs_with_larger(sae.decoder()[m].detach(), stacks[i + 1].decoder()[m].detach(), threshold)
         knob = sae.hparams(m)
-        rows.append(
-            {
-                "arch": sae.architecture,
-                "l1_alpha": knob.get("l1_alpha"),
-                "k": knob.get("k"),
-                "dict_ratio": ratios[i],
-                "dict_size": sae.d_sae,
-                "name": sae_name(sae, m),
-                "dead_features": int(st.dead_features[m]),
-                "fvu": float(st.fvu[m]),
-                "mse": float(st.mse[m]),
-                "l0": float(st.l0[m]),
-                "mmcs_with_larger": None if larger is None else larger["plain"],
-                "mmcs_with_larger_hungarian": None if larger is None else larger["hungarian"],
-                "mmcs_with_larger_share_above": None if larger is None else larger["share_above"],
-                **(extra(i, m) if extra else {}),
-            }
-        )
+        row = {
+            "arch": sae.architecture,
+            "l1_alpha": knob.get("l1_alpha"),
+            "k": knob.get("k"),
+            "dict_ratio": ratios[i],
+            "dict_size": sae.d_sae,
+            "name": sae_name(sae, m),
+            "dead_features": int(st.dead_features[m]),
+            "fvu": float(st.fvu[m]),
+            "mse": float(st.mse[m]),
+            "l0": float(st.l0[m]),
+            "mmcs_with_larger": None if larger is None else larger["plain"],
+            "mmcs_with_larger_hungarian": None if larger is None else larger["hungarian"],
+            "mmcs_with_larger_share_above": None if larger is None else larger["share_above"],
+            **(extra(i, m) if extra else {}),
+        }
+        # JSON has no NaN: a metric that cannot be computed (e.g. FVU of constant activations) is written as null
+        rows.append({k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
 

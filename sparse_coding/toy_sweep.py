@@ -23,6 +23,7 @@ from sparse_coding.train import (
     SweepConfig,
     Trainer,
     build_stacks,
+    check_resumable,
     check_sweep_config,
     config_fingerprint,
     train,
@@ -124,12 +125,16 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
     device = resolve_device(cfg.device)
     data_cfg = ToyDataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ToyDataConfig)})
     gen = ToyGenerator(data_cfg, seed=cfg.seed, device=device)
+    fingerprint = config_fingerprint(asdict(cfg), RESUMABLE_CHANGES)
+    try:
+        check_resumable(out_dir / "checkpoint", fingerprint)
+    except CheckpointMismatch as e:
+        raise UserError(str(e)) from e
     write_json(out_dir / "config.json", asdict(cfg))
     save_tensors(out_dir / "ground_truth.safetensors", {"features": gen.features, "probs": gen.probs})
 
     stacks = build_stacks(cfg, cfg.activation_dim, device)
     trainer = Trainer(stacks, lr=cfg.lr)
-    fingerprint = config_fingerprint(asdict(cfg), RESUMABLE_CHANGES)
     try:
         train(trainer, ToySource(gen), cfg, out_dir / "checkpoint", fingerprint, progress=progress)
     except CheckpointMismatch as e:

@@ -111,10 +111,16 @@ class BatchSource(Protocol):
 class Trainer:
     """Steps every stack on the same batch; one fused Adam over all parameters."""
 
-    def __init__(self, stacks: list[SAE], lr: float, sync: Callable[[list[Tensor]], None] | None = None):
+    def __init__(
+        self,
+        stacks: list[SAE],
+        lr: float,
+        sync: Callable[[list[Tensor]], None] | None = None,
+        init_b_dec: bool = True,
+    ):
         """sync, when given, averages tensors in place across data-parallel processes (b_dec's data-mean start,
-        then every step's gradients)."""
-        self.stacks, self.sync = stacks, sync
+        then every step's gradients). init_b_dec=False keeps b_dec as loaded (continuing saved SAEs)."""
+        self.stacks, self.sync, self.init_b_dec = stacks, sync, init_b_dec
         self.params = [p for s in stacks for p in s.parameters()]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.opt = torch.optim.Adam(self.params, lr=lr, fused=fused)
@@ -122,7 +128,7 @@ class Trainer:
 
     def step(self, x: Tensor, stats: bool = False) -> list[dict[str, Tensor]]:
         """One optimizer step on x: [B, d_in]; gives per-stack training stats when asked (else empty dicts)."""
-        if self.step_count == 0:
+        if self.step_count == 0 and self.init_b_dec:
             for s in self.stacks:
                 s.init_b_dec(x)
             if self.sync is not None:
@@ -227,14 +233,22 @@ def save_checkpoint(trainer: Trainer, source: BatchSource, ckpt_dir: Path, finge
     save_tensors(ckpt_dir / "state.safetensors", tensors, metadata={"step": str(trainer.step_count)})
 
 
+def check_resumable(ckpt_dir: Path, fingerprint: str) -> None:
+    """Raises CheckpointMismatch if ckpt_dir holds a checkpoint made with other settings; call it before
+    writing anything into a run folder, so a refused rerun leaves the folder as it was."""
+    state = ckpt_dir / "state.json"
+    if state.is_file() and read_json(state)["fingerprint"] != fingerprint:
+        raise CheckpointMismatch(
+            f"the checkpoint in {ckpt_dir} was made with different settings; rerun with the same settings to "
+            "resume it, or use another output folder"
+        )
+
+
 def load_checkpoint(ckpt_dir: Path, fingerprint: str, device: torch.device) -> tuple[int, dict[str, Tensor]] | None:
     """Gives (step, tensors) of the checkpoint in ckpt_dir, None if there is none."""
     if not (ckpt_dir / "state.safetensors").is_file():
         return None
-    if read_json(ckpt_dir / "state.json")["fingerprint"] != fingerprint:
-        raise CheckpointMismatch(
-            f"the checkpoint in {ckpt_dir} was made with different settings; use another output folder"
-        )
+    check_resumable(ckpt_dir, fingerprint)
     with safe_open(str(ckpt_dir / "state.safetensors"), framework="pt") as f:
         step = int(f.metadata()["step"])
     return step, load_tensors(ckpt_dir / "state.safetensors", device=device)

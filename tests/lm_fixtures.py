@@ -89,3 +89,10 @@ def write_corpus(folder: Path, n_docs: int = 300) -> Path:
 
     path.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences(n_docs, seed=1)))
     return path
+
+
+def smoke_run_args(root: Path) -> list[str]:
+    """Makes a tiny GPT-2 and corpus under root; gives run.py's smoke flags for them (without --out)."""
+    model, data = make_hf_gpt2(root / "gpt2"), write_corpus(root / "corpus")
+    return ["--preset", "smoke", "--model_name", str(model), "--dataset_name", str(data),
+            "--activations_dir", str(root / "acts")]  # fmt: skip

@@ -79,6 +79,10 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    config_before = (killed / "config.json").read_text()
+    refused = _cli(*args, "--lr", "0.5", "--out", str(killed))  # other settings: refused, nothing overwritten
+    assert refused.returncode == 2 and "different settings" in refused.stderr
+    assert (killed / "config.json").read_text() == config_before
     assert _cli(*args, "--out", str(killed)).returncode == 0
 
     a = json.loads((tmp_path / "unbroken" / "results.json").read_text())["runs"]
@@ -130,6 +134,13 @@ def test_config_file_and_flags(tmp_path):
     )
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["n_steps"] == 7 and cfg["lr"] == 0.002  # the flag beats the file
+    conf.write_text("preset: smoke\nlr: 1e-3\nk_values: 3\narch: topk\nn_steps: 5\n")  # YAML reads 1e-3 as text
+    replicate_toy_models.main(["--config", str(conf), "--out", str(tmp_path / "run3")])
+    cfg = json.loads((tmp_path / "run3" / "config.json").read_text())
+    assert cfg["lr"] == 0.001 and cfg["k_values"] == [3] and cfg["preset"] == "smoke"
+    conf.write_text("n_steps: many\n")
+    r = _cli("--preset", "smoke", "--config", str(conf), "--out", str(tmp_path / "run4"))
+    assert r.returncode == 2 and "config file field n_steps: expected int, got 'many'" in r.stderr
     bad = tmp_path / "bad.json"
     bad.write_text('{"n_stepz": 3}')
     r = _cli("--preset", "smoke", "--config", str(bad), "--out", str(tmp_path / "run2"))

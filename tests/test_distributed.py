@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_fixtures import make_hf_gpt2, write_corpus
+from lm_fixtures import smoke_run_args
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,20 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    model, data = make_hf_gpt2(root / "gpt2"), write_corpus(root / "corpus")
-    return [
-        "--preset",
-        "smoke",
-        "--model_name",
-        str(model),
-        "--dataset_name",
-        str(data),
-        "--activations_dir",
-        str(root / "acts"),
-        "--n_steps",
-        "30",
-    ]
+    return [*smoke_run_args(tmp_path_factory.mktemp("dist")), "--n_steps", "30"]
 
 
 def _run(args, out, nproc=1):
@@ -66,6 +53,13 @@ def test_two_processes_sharing_the_sweep_match_one(assets, tmp_path, arch):
             # kernels sum in an order that depends on the stack's shape, so to float precision)
             assert torch.equal(wa[k], wb[k]) if arch == "relu" else torch.allclose(wa[k], wb[k], atol=1e-5), k
     assert not (tmp_path / "two" / "checkpoint").exists()
+
+
+def test_more_processes_than_grid_points_is_one_clear_error_not_a_hang(assets, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
+           *assets, "--l1_exp_low", "0", "--out", str(tmp_path / "r")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "use --parallel data" in r.stderr
 
 
 def test_data_parallel_matches_one_process_on_the_whole_batch(assets, tmp_path):

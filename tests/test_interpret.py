@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lm_fixtures import make_hf_gpt2, write_corpus
+from lm_fixtures import smoke_run_args
 
 import interpret
 import run
@@ -17,23 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("interp")
-    model, data = make_hf_gpt2(root / "gpt2"), write_corpus(root / "corpus")
-    run.main(
-        [
-            "--preset",
-            "smoke",
-            "--model_name",
-            str(model),
-            "--dataset_name",
-            str(data),
-            "--activations_dir",
-            str(root / "acts"),
-            "--out",
-            str(root / "run"),
-            "--n_steps",
-            "60",
-        ]
-    )
+    run.main([*smoke_run_args(root), "--out", str(root / "run"), "--n_steps", "60"])
     return root / "run"
 
 
@@ -56,6 +40,15 @@ def test_interpret_writes_summary_pages_and_resumes(lm_run, tmp_path):
     interpret.main(args)
     assert features[0].is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != features[0])  # not recomputed
+
+
+def test_interpret_refuses_to_mix_settings_in_one_folder(lm_run, tmp_path):
+    out = tmp_path / "interp"
+    args = ["--run_dir", str(lm_run), "--n_features", "2", "--max_rows", "32", "--baselines", "random", "--out"]
+    interpret.main([*args, str(out)])
+    r = subprocess.run([sys.executable, str(ROOT / "interpret.py"), *args, str(out), "--seed", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "other settings" in r.stderr
 
 
 def test_interpret_bad_input(tmp_path):

@@ -199,3 +199,13 @@ def test_next_token_ce_by_hand():
     tokens = torch.tensor([[0, 2, 1]])
     # positions 0 → 2 (loss 0), 1 → 1 (uniform: log 4)
     assert next_token_ce(logits, tokens).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() / 2, abs=1e-5)
+
+
+def test_a_deleted_chunk_is_recomputed(tmp_path):
+    tokens = torch.randint(0, 50, (40, 8))
+    ident = {"model": "m", "dtype": "fp32"}
+    cache_activations(tmp_path, ident, tokens, _compute, 4, 10, 3, progress=False)
+    before = (tmp_path / chunk_name(1)).read_bytes()
+    (tmp_path / chunk_name(1)).unlink()  # what the user does after "delete it and rerun"
+    data = cache_activations(tmp_path, ident, tokens, _compute, 4, 10, 3, progress=False)
+    assert (tmp_path / chunk_name(1)).read_bytes() == before and data.n_chunks == 4

@@ -79,3 +79,15 @@ def test_kl_divergence_by_hand():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert metrics.kl_divergence(p, q).item() == pytest.approx(expected)
     assert metrics.kl_divergence(p, p).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_metric_that_cannot_be_computed_is_written_as_null():
+    from sparse_coding.report import sweep_rows
+    from sparse_coding.saes import build_sae
+
+    sae = build_sae("relu", 3, 4, [{"l1_alpha": 1.0}])
+    nan = torch.tensor([float("nan")])
+    stats = metrics.ReconstructionStats(mse=torch.zeros(1), fvu=nan, l0=torch.zeros(1),
+                                        fire_counts=torch.ones(1, 4), n_examples=1)  # fmt: skip
+    (row,) = sweep_rows([sae], [stats], [1.0], 0.9, progress=False)
+    assert row["fvu"] is None and row["mse"] == 0.0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_fixtures import make_hf_gpt2, write_corpus
+from lm_fixtures import smoke_run_args
 
 import run
 from sparse_coding.lm import load_language_model
@@ -33,23 +33,11 @@ CONTRACT = {
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    return {"model": str(make_hf_gpt2(root / "gpt2")), "data": str(write_corpus(root / "corpus")), "root": root}
+    return {"args": smoke_run_args(root), "model": str(root / "gpt2"), "root": root}
 
 
 def _args(assets, out, *extra):
-    return [
-        "--preset",
-        "smoke",
-        "--model_name",
-        assets["model"],
-        "--dataset_name",
-        assets["data"],
-        "--activations_dir",
-        str(assets["root"] / "acts"),
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return [*assets["args"], "--out", str(out), *extra]
 
 
 def _cli(*args, timeout=180):
@@ -177,6 +165,8 @@ def test_wandb_offline_logs_and_keeps_the_key_out(assets, tmp_path):
         (["--chunk_size_tokens", "100"], "multiple of max_length"),
         (["--n_chunks", "500"], "chunks"),
         (["--layer_loc", "embed"], "layer_loc must be one of"),
+        (["--max_length", "128"], "longer than"),
+        (["--batch_size", "4096"], "smallest chunk group"),
     ],
 )
 def test_bad_input_gives_one_clear_message(assets, tmp_path, extra, message):

@@ -68,3 +68,13 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     cfg, trainer, source = _setup("relu", 20)
     with pytest.raises(CheckpointMismatch):
         train(trainer, source, cfg, tmp_path, "fp-two", progress=False)
+
+
+def test_continuing_saved_saes_keeps_their_decoder_bias():
+    stack = build_sae("relu", 4, 8, [{"l1_alpha": 0.1}])
+    with torch.no_grad():
+        stack.b_dec.fill_(5.0)
+    Trainer([stack], lr=1e-9, init_b_dec=False).step(torch.randn(16, 4))
+    assert torch.allclose(stack.b_dec, torch.full_like(stack.b_dec, 5.0))
+    Trainer([stack], lr=1e-9).step(torch.zeros(16, 4))  # a fresh sweep starts b_dec at the data mean
+    assert torch.allclose(stack.b_dec, torch.zeros_like(stack.b_dec), atol=1e-6)
