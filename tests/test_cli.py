@@ -1,13 +1,12 @@
 """replicate_toy_models.py end to end: the DESIGN.md contract, resume after a kill, and clear failures."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import kill_after_checkpoint
 
 import replicate_toy_models
 
@@ -67,18 +66,9 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     assert _cli(*args, "--out", str(tmp_path / "unbroken")).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "replicate_toy_models.py"), *args, "--out", str(killed)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_after_checkpoint(
+        [sys.executable, str(ROOT / "replicate_toy_models.py"), *args, "--out", str(killed)], killed, ROOT
     )
-    deadline = time.time() + 60
-    while not (killed / "checkpoint" / "state.safetensors").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
     config_before = (killed / "config.json").read_text()
     refused = _cli(*args, "--lr", "0.5", "--out", str(killed))  # other settings: refused, nothing overwritten
     assert refused.returncode == 2 and "different settings" in refused.stderr

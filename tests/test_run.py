@@ -2,15 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from lm_fixtures import smoke_run_args
+from procs import kill_after_checkpoint
 
 import run
 from sparse_coding.lm import load_language_model
@@ -100,19 +99,9 @@ def test_killed_sweep_resumes_to_the_same_saes(assets, tmp_path):
     args = ["--n_steps", "300", "--checkpoint_every", "20"]
     assert _cli(*_args(assets, tmp_path / "unbroken", *args)).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *_args(assets, killed, *args)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_after_checkpoint(
+        [sys.executable, str(ROOT / "run.py"), *_args(assets, killed, *args)], killed, ROOT, grace=0.3
     )
-    deadline = time.time() + 120
-    while not (killed / "checkpoint" / "state.safetensors").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
     r = _cli(*_args(assets, killed, *args))
     assert r.returncode == 0, r.stderr
     for sae in (tmp_path / "unbroken" / "saes").iterdir():

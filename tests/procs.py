@@ -1,0 +1,21 @@
+"""Killing a real run mid-way, as a user's Ctrl-C or a preempted box would."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, cwd: Path, timeout: float = 120, grace: float = 0.0) -> None:
+    """Starts cmd, SIGKILLs it once out/checkpoint/state.safetensors exists (plus `grace` seconds), and checks
+    that it had not finished by then."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / "checkpoint" / "state.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(grace)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
