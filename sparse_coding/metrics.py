@@ -41,17 +41,24 @@ def share_above(reference: Tensor, candidates: Tensor, threshold: float) -> Tens
 def hungarian_mmcs(reference: Tensor, candidates: Tensor) -> float:
     """reference: [n, d], candidates: [m, d] → mean similarity under the best one-to-one matching.
     With n > m only m reference directions can be matched; the rest count as 0."""
-    sims = cosine_matrix(reference, candidates).double().cpu().numpy()
-    rows, cols = linear_sum_assignment(sims, maximize=True)
-    return float(sims[rows, cols].sum() / reference.shape[0])
+    return _hungarian(cosine_matrix(reference, candidates))
+
+
+def _hungarian(sims: Tensor) -> float:
+    s = sims.double().cpu().numpy()
+    rows, cols = linear_sum_assignment(s, maximize=True)
+    return float(s[rows, cols].sum() / s.shape[0])
 
 
 def mmcs_with_larger(small: Tensor, large: Tensor, threshold: float = 0.9) -> dict[str, float]:
-    """small: [n, d], large: [m, d] dictionaries → plain MMCS, Hungarian MMCS and share above threshold."""
+    """small: [n, d], large: [m, d] dictionaries → plain MMCS, Hungarian MMCS and share above threshold
+    (one similarity matrix serves all three)."""
+    sims = cosine_matrix(small, large)
+    best = sims.amax(dim=-1)
     return {
-        "plain": float(mmcs(small, large)),
-        "hungarian": hungarian_mmcs(small, large),
-        "share_above": float(share_above(small, large, threshold)),
+        "plain": float(best.mean()),
+        "hungarian": _hungarian(sims),
+        "share_above": float((best > threshold).float().mean()),
     }
 
 
