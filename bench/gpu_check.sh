@@ -1,17 +1,45 @@
 #!/usr/bin/env bash
-# One short GPU session: checks the CUDA paths and measures throughput; every line it prints is JSON or a log line.
-# Usage (on the GPU box, from the repo root, after `make setup`):  bash bench/gpu_check.sh [OUT_DIR]
-set -euo pipefail
+# One short GPU session: checks the CUDA paths, measures throughput and runs the toy replication's `paper` preset.
+# Usage (on the GPU box, from the repo root, after `make setup`):  bash bench/gpu_check.sh [OUT_DIR] [SECONDS]
+# Each stage has its own time limit and a failure does not stop the next; the paper run gets what is left of
+# SECONDS (default 570) and, if cut short, its log still says how far it got. Small outputs go to OUT_DIR,
+# the paper run's folder (every SAE, ~0.6 GB) to $RUN_DIR.
+set -uo pipefail
 out=${1:-outputs/gpu_check}
-mkdir -p "$out"
+budget=${2:-570}
+run_dir=${RUN_DIR:-/tmp/toy_paper}
 py=${PY:-.venv/bin/python}
-$py -c "import torch, json; print(json.dumps({'cuda': torch.cuda.is_available(), 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'torch': torch.__version__}))"
-# Training-step throughput against this GPU's matmul roofline (fp32), the three shapes of the CPU figures and a big one.
-$py bench/sae_step.py --device cuda --arch relu --d_in 512 --d_sae 8192 --batch 4096
-$py bench/sae_step.py --device cuda --arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096
-$py bench/sae_step.py --device cuda --arch relu --d_in 128 --d_sae 1024 --batch 4096 --n_models 8
-$py bench/sae_step.py --device cuda --arch topk --k 64 --d_in 768 --d_sae 24576 --batch 8192 --steps 20
-# The toy replication at paper size, shortened so it fits a few minutes; says how long 1 000 steps take.
+dev=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of this script off the GPU box
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1
+mkdir -p "$out"
 start=$(date +%s)
-$py replicate_toy_models.py --preset paper --device cuda --n_steps 1000 --checkpoint_every 0 --out "$out/toy_paper_1k"
-echo "{\"bench\": \"toy_paper_1000_steps\", \"seconds\": $(( $(date +%s) - start ))}"
+left() { echo $(( budget - ($(date +%s) - start) )); }
+log() { echo "{\"stage\": \"$1\", \"rc\": $2, \"elapsed_s\": $(( $(date +%s) - start ))}"; }
+
+nvidia-smi -L
+$py -c "import torch, json; print(json.dumps({'cuda': torch.cuda.is_available(), 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'torch': torch.__version__, 'tf32_matmul': torch.backends.cuda.matmul.allow_tf32}))"
+
+# The fast training paths against dense float64 autograd, and ground-truth recovery, on cuda (and cpu).
+timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_saes.py tests/test_recovery.py tests/test_metrics.py -k "not cpu"
+log tests $?
+
+# Training-step throughput against this GPU's fp32 matmul roofline: the CPU figures' shapes and a big one.
+for args in "--arch relu --d_in 512 --d_sae 8192 --batch 4096" \
+            "--arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096" \
+            "--arch relu --d_in 128 --d_sae 1024 --batch 4096 --n_models 8" \
+            "--arch topk --k 64 --d_in 768 --d_sae 24576 --batch 8192 --steps 20"; do
+  # shellcheck disable=SC2086
+  timeout 60 $py bench/sae_step.py --device "$dev" $args | tee -a "$out/bench.jsonl"
+done
+log bench $?
+
+# The report's full grid (17 l1 × 9 sizes, 20 000 steps): no mid-run checkpoints, this box is gone after.
+rm -rf "$run_dir"
+[ "$(left)" -gt 30 ] || { log paper_skipped 1; exit 1; }
+paper_start=$(date +%s)
+timeout "$(left)" $py replicate_toy_models.py --preset paper --device "$dev" --checkpoint_every 0 --out "$run_dir" \
+  2> >(tr '\r' '\n' | grep -E 'training|error|Error' | awk 'NR % 100 == 0 || /rror/' >&2)
+rc=$?
+echo "{\"bench\": \"toy_paper_preset\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - paper_start ))}"
+cp "$run_dir"/results.json "$run_dir"/*.png "$out"/ 2>/dev/null
+log paper $rc

@@ -21,11 +21,11 @@ def _perturb(sae, bias):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("l1_norm", ["dict_size", "none"])
-def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm):
+def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device):
     torch.set_default_dtype(torch.float64)
     try:
         d, f, B = 6, 10, 7
-        x = torch.randn(B, d)
+        x = torch.randn(B, d, device=device)
         sae = build_sae(
             "relu",
             d,
@@ -34,7 +34,7 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm):
             tied=tied,
             decoder_bias=bias,
             l1_norm=l1_norm,
-        )
+        ).to(device)
         _perturb(sae, bias)
         out = sae.train_forward(x)
         out.loss.sum().backward()
@@ -54,12 +54,12 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ks", [[3, 3], [2, 4]])
-def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks):
+def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks, device):
     torch.set_default_dtype(torch.float64)
     try:
         d, f, B = 6, 10, 7
-        x = torch.randn(B, d)
-        sae = build_sae("topk", d, f, [{"k": k} for k in ks], decoder_bias=bias, dead_tokens_threshold=1)
+        x = torch.randn(B, d, device=device)
+        sae = build_sae("topk", d, f, [{"k": k} for k in ks], decoder_bias=bias, dead_tokens_threshold=1).to(device)
         _perturb(sae, bias)
         sae.tokens_since_fired[0, :5] = 5  # model 0: five dead latents; model 1: two
         sae.tokens_since_fired[1, 8:] = 5
@@ -70,7 +70,7 @@ def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks):
         sae.zero_grad()
 
         pre, codes = sae.pre_acts(x), sae.encode(x)
-        assert ((codes > 0).sum(-1) <= torch.tensor(ks)[:, None]).all()
+        assert ((codes > 0).sum(-1) <= torch.tensor(ks, device=device)[:, None]).all()
         x_hat = sae.decode(codes)
         total_var = (x - x.mean(0)).pow(2).sum()
         fvu = (x_hat - x).pow(2).sum((1, 2)) / total_var
@@ -88,9 +88,9 @@ def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks):
         torch.set_default_dtype(torch.float32)
 
 
-def test_topk_tracks_dead_latents():
-    sae = build_sae("topk", 4, 16, [{"k": 1}], dead_tokens_threshold=100)
-    x = torch.randn(8, 4)
+def test_topk_tracks_dead_latents(device):
+    sae = build_sae("topk", 4, 16, [{"k": 1}], dead_tokens_threshold=100).to(device)
+    x = torch.randn(8, 4, device=device)
     out = sae.train_forward(x)
     fired = out.fired[0]
     assert fired.sum() >= 1
