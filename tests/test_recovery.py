@@ -39,8 +39,7 @@ def test_topk_recovers_the_ground_truth(device):
 @pytest.mark.parametrize("tied", [False, True])
 def test_relu_recovers_the_ground_truth(tied, device):
     gen, stacks = _train(
-        device,
-        arch="relu", l1_exp_low=1, l1_exp_high=2, l1_exp_base=10**0.25, n_steps=1500, lr=3e-3, tied=tied
+        device, arch="relu", l1_exp_low=1, l1_exp_high=2, l1_exp_base=10**0.25, n_steps=1500, lr=3e-3, tied=tied
     )
     best = max(float(metrics.mmcs(gen.features, s.decoder().detach()).max()) for s in stacks)
     assert best >= 0.9
