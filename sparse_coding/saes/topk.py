@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.select import topk_last_dim
 
 # CSR matmul is all we use of torch's sparse support, and it is stable for that; the beta notice is noise.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 class TopKSAE(SAE):
@@ -60,9 +62,9 @@ class TopKSAE(SAE):
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """pre: [M, B, d_sae] → (values, indices) [M, B, k_max]; values ReLU'd, zero past each model's k."""
-        # Sorted (costs ~2% over unsorted here), so rank r is kept by model m when r < k[m], and an SAE sums its
+        # Sorted, so rank r is kept by model m when r < k[m], and an SAE sums its
         # latents in the same order whichever other k share its stack: results do not depend on the stacking.
-        vals, idx = pre.topk(self.k_max, dim=-1, sorted=True)
+        vals, idx = topk_last_dim(pre, self.k_max)
         vals = vals.relu()
         if any(k != self.k_max for k in self.ks):
             vals = vals * (torch.arange(self.k_max, device=pre.device) < self.k[:, None, None])
@@ -104,17 +106,50 @@ class TopKSAE(SAE):
 
 
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """vals, idx: [M, B, k], W_dec: [M, d_sae, d_in] → Σ_k vals · W_dec[idx], [M, B, d_in] (no bias)."""
+    """vals, idx: [M, B, k], W_dec: [M, d_sae, d_in] → Σ_k vals · W_dec[idx], [M, B, d_in] (no bias).
+
+    embedding_bag gives the output and the gradient of vals; the decoder's gradient comes from a CSR matmul
+    over the same k entries per token (a third of embedding_bag's own dense scatter backward here)."""
     M, B, k = idx.shape
     d_sae, d_in = W_dec.shape[1:]
     offsets = (torch.arange(M, device=idx.device) * d_sae)[:, None, None]
     out = F.embedding_bag(
         (idx + offsets).reshape(M * B, k),
-        W_dec.reshape(M * d_sae, d_in),
+        W_dec.detach().reshape(M * d_sae, d_in),
         per_sample_weights=vals.reshape(M * B, k),
         mode="sum",
     )
-    return out.view(M, B, d_in)
+    return _DecoderGrad.apply(out.view(M, B, d_in), vals.detach(), idx, W_dec)
+
+
+def by_latent(sel: Tensor, values: Tensor, d_sae: int) -> Tensor:
+    """sel, values: [M, B, k] → the CSR matrix [M·d_sae, M·B] holding values[m, b, s] at (m·d_sae + sel, m·B + b):
+    one row per latent listing the tokens that chose it. Times a [M·B, d] matrix it sums per latent."""
+    M, B, k = sel.shape
+    rows = (sel + (torch.arange(M, device=sel.device) * d_sae)[:, None, None]).reshape(-1)
+    order = torch.argsort(rows, stable=True)  # stable: each latent sums its tokens in one fixed order
+    crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
+    crow[1:] = torch.bincount(rows, minlength=M * d_sae).cumsum(0)
+    flat = values.reshape(-1)
+    return torch.sparse_csr_tensor(crow, order // k, flat[order], (M * d_sae, M * B), check_invariants=False)
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """Passes the decoder output through and gives W_dec its gradient, Σ over tokens that chose a latent of
+    vals · g_out[token], as one CSR matmul."""
+
+    @staticmethod
+    def forward(ctx, out, vals, idx, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx)
+        ctx.d_sae = W_dec.shape[1]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g_out):  # type: ignore[override]
+        vals, idx = ctx.saved_tensors
+        M, B, d_in = g_out.shape
+        g_W_dec = (by_latent(idx, vals, ctx.d_sae) @ g_out.reshape(M * B, d_in)).view(M, ctx.d_sae, d_in)
+        return g_out, None, None, g_W_dec
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -131,7 +166,7 @@ class _TopKEncode(torch.autograd.Function):
         vals, idx = sae.select(pre)
         if dead is not None:
             pre.masked_fill_(~dead[:, None, :], float("-inf"))
-            aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=True)  # sorted: see select()
+            aux_vals, aux_idx = topk_last_dim(pre, k_aux)  # sorted: see select()
             aux_vals = aux_vals.relu()  # -inf (too few dead latents in this model) becomes 0
         else:
             aux_vals = x.new_zeros(M, B, 0)
@@ -151,17 +186,10 @@ class _TopKEncode(torch.autograd.Function):
         else:
             g = torch.cat([g_vals * (vals > 0), g_aux * (aux_vals > 0)], dim=-1)
             sel = torch.cat([idx, aux_idx], dim=-1)
-        K = sel.shape[-1]
         cols = (sel + (torch.arange(M, device=sel.device) * F_)[:, None, None]).reshape(-1)
-        g_flat = g.reshape(-1)
-        g_b_enc = torch.zeros(M * F_, dtype=g.dtype, device=g.device).index_add_(0, cols, g_flat)
-        # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token]: a CSR matrix with one row
-        # per latent times the inputs.
-        order = torch.argsort(cols, stable=True)  # stable: each latent sums its tokens in one fixed order
-        crow = torch.zeros(M * F_ + 1, dtype=torch.long, device=g.device)
-        crow[1:] = torch.bincount(cols, minlength=M * F_).cumsum(0)
-        grad_t = torch.sparse_csr_tensor(crow, order // K, g_flat[order], (M * F_, M * B), check_invariants=False)
-        g_W_enc = (grad_t @ xc.reshape(M * B, d_in)).view(M, F_, d_in)
+        g_b_enc = torch.zeros(M * F_, dtype=g.dtype, device=g.device).index_add_(0, cols, g.reshape(-1))
+        # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token].
+        g_W_enc = (by_latent(sel, g, F_) @ xc.reshape(M * B, d_in)).view(M, F_, d_in)
         g_b_enc = g_b_enc.view(M, F_)
         g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
         return None, g_W_enc, g_b_enc, g_b_dec, None, None, None

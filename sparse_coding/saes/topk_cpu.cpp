@@ -1,0 +1,239 @@
+// Exact top-k along the last dimension of a CPU tensor, rows in parallel.
+//
+// torch.topk copies every row into a (value, index) buffer and selects from that; for k much smaller than
+// the row (TopK SAEs: 32 of 8192) nearly every element can be ruled out by a bound, in a vectorised pass
+// (block_topk below). Rows with NaN, or too short for the bound, take a heap (heap_topk).
+//
+// Output is sorted by value, descending; equal values by index, ascending (the earliest index wins a tie at
+// the boundary too), so the result is deterministic. NaN counts as larger than any number, as in torch.topk.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// a ranks above b: larger value (NaN largest), then smaller index.
+template <typename acc_t>
+inline bool ranks_above(acc_t av, int64_t ai, acc_t bv, int64_t bi) {
+  const bool an = std::isnan(av), bn = std::isnan(bv);
+  if (an != bn) return an;
+  if (!an && av != bv) return av > bv;
+  return ai < bi;
+}
+
+// Min-heap on rank: heap[0] is the entry ranked lowest among those kept.
+template <typename acc_t>
+inline void sift_down(acc_t* v, int64_t* i, int64_t k, int64_t pos) {
+  while (true) {
+    int64_t low = pos;
+    const int64_t l = 2 * pos + 1, r = l + 1;
+    if (l < k && ranks_above(v[low], i[low], v[l], i[l])) low = l;
+    if (r < k && ranks_above(v[low], i[low], v[r], i[r])) low = r;
+    if (low == pos) return;
+    std::swap(v[pos], v[low]);
+    std::swap(i[pos], i[low]);
+    pos = low;
+  }
+}
+
+// Order-preserving map of a (non-NaN) float or double to an unsigned integer of the same width.
+inline uint32_t order_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t order_key(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// The k-th largest of v[0..n) (no NaN), found bit by bit on the order keys: each step is one vectorisable
+// count, where nth_element's data-dependent branches mispredict about every other comparison.
+template <typename acc_t>
+acc_t kth_largest(const acc_t* v, int64_t n, int64_t k) {
+  using key_t = decltype(order_key(acc_t{}));
+  constexpr int bits = 8 * sizeof(key_t);
+  key_t keys[1024];
+  acc_t best = v[0];
+  for (int64_t i = 0; i < n; ++i) keys[i] = order_key(v[i]);
+  key_t t = 0;
+  for (int bit = bits - 1; bit >= 0; --bit) {
+    const key_t cand = t | (key_t{1} << bit);
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += keys[i] >= cand;
+    if (count >= k) t = cand;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (keys[i] == t) best = v[i];
+  }
+  return best;
+}
+
+// Writes the k best of (values, indices) to out_v/out_i in rank order.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> heap_v, block_max, cand_v;
+  std::vector<int64_t> heap_i, cand_i;
+  std::vector<std::pair<acc_t, int64_t>> cand;
+};
+
+template <typename scalar_t, typename acc_t>
+void write_sorted(std::vector<std::pair<acc_t, int64_t>>& kept, int64_t k, scalar_t* out_v, int64_t* out_i) {
+  std::partial_sort(kept.begin(), kept.begin() + k, kept.end(), [](const auto& a, const auto& b) {
+    return ranks_above(a.first, a.second, b.first, b.second);
+  });
+  for (int64_t j = 0; j < k; ++j) {
+    out_v[j] = static_cast<scalar_t>(kept[j].first);
+    out_i[j] = kept[j].second;
+  }
+}
+
+// The general path (any k, NaN-aware): a min-heap of the k best so far, touched only when an element beats
+// its smallest.
+template <typename scalar_t, typename acc_t>
+void heap_topk(const scalar_t* row, int64_t n, int64_t k, Scratch<acc_t>& s, scalar_t* out_v, int64_t* out_i) {
+  acc_t* hv = s.heap_v.data();
+  int64_t* hi = s.heap_i.data();
+  for (int64_t j = 0; j < k; ++j) {
+    hv[j] = static_cast<acc_t>(row[j]);
+    hi[j] = j;
+  }
+  for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(hv, hi, k, p);
+  acc_t floor_v = hv[0];
+  for (int64_t j = k; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    // Later indices lose ties, so only a strictly larger value (or a NaN over a number) gets in.
+    if (v > floor_v || (std::isnan(v) && !std::isnan(floor_v))) {
+      hv[0] = v;
+      hi[0] = j;
+      sift_down(hv, hi, k, 0);
+      floor_v = hv[0];
+    }
+  }
+  s.cand.clear();
+  for (int64_t j = 0; j < k; ++j) s.cand.emplace_back(hv[j], hi[j]);
+  write_sorted(s.cand, k, out_v, out_i);
+}
+
+// Pass 1 of block_topk: the maximum of each block of b elements. Gives false if the row holds a NaN or an
+// infinity (v - v is then NaN), which block_topk leaves to heap_topk.
+template <typename scalar_t, typename acc_t>
+bool block_maxima(const scalar_t* row, int64_t n, int64_t b, acc_t* out) {
+  constexpr int L = 16;  // independent lanes, so the compiler can keep them in vector registers
+  acc_t finite[L] = {};
+  const int64_t G = (n + b - 1) / b;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t lo = g * b, hi = std::min(n, lo + b);
+    acc_t lanes[L];
+    for (int l = 0; l < L; ++l) lanes[l] = -std::numeric_limits<acc_t>::infinity();
+    int64_t j = lo;
+    for (; j + L <= hi; j += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t v = static_cast<acc_t>(row[j + l]);
+        lanes[l] = v > lanes[l] ? v : lanes[l];
+        finite[l] += v - v;
+      }
+    }
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (; j < hi; ++j) {
+      const acc_t v = static_cast<acc_t>(row[j]);
+      m = v > m ? v : m;
+      finite[0] += v - v;
+    }
+    for (int l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
+    out[g] = m;
+  }
+  acc_t total = 0;
+  for (int l = 0; l < L; ++l) total += finite[l];
+  return total == 0;
+}
+
+// The fast path, for rows of at least k blocks: the k-th largest block maximum t is a lower bound on the
+// k-th largest element (those k blocks' maxima are k elements ≥ t), so only elements ≥ t, all in blocks
+// whose maximum is ≥ t, can be in the top k. Pass 1 reads the row once, vectorised; pass 2 reads ~k blocks
+// and keeps, branch-free, the few elements ≥ t (~k + a few on SAE pre-activations). Gives false, leaving
+// the row to heap_topk, for rows with NaN or infinities.
+template <typename scalar_t, typename acc_t>
+bool block_topk(const scalar_t* row, int64_t n, int64_t k, int64_t b, Scratch<acc_t>& s, scalar_t* out_v,
+                int64_t* out_i) {
+  const int64_t G = (n + b - 1) / b;
+  acc_t* bmax = s.block_max.data();
+  if (!block_maxima(row, n, b, bmax)) return false;
+  const acc_t t = kth_largest(bmax, G, k);
+  acc_t* cv = s.cand_v.data();
+  int64_t* ci = s.cand_i.data();
+  int64_t c = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    if (bmax[g] < t) continue;
+    for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
+      const acc_t v = static_cast<acc_t>(row[j]);
+      cv[c] = v;
+      ci[c] = j;
+      c += v >= t;
+    }
+  }
+  s.cand.clear();
+  for (int64_t j = 0; j < c; ++j) s.cand.emplace_back(cv[j], ci[j]);
+  write_sorted(s.cand, k, out_v, out_i);
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_t k) {
+  TORCH_CHECK(input.device().is_cpu(), "topk_last_dim: CPU tensors only");
+  TORCH_CHECK(input.dim() >= 1, "topk_last_dim: input needs a last dimension");
+  const int64_t n = input.size(-1);
+  TORCH_CHECK(k >= 1 && k <= n, "topk_last_dim: k must be in 1..", n, ", got ", k);
+  const at::Tensor x = input.contiguous();
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = k;
+  at::Tensor values = at::empty(shape, x.options());
+  at::Tensor indices = at::empty(shape, x.options().dtype(at::kLong));
+  int64_t* idx = indices.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_last_dim", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* val = values.data_ptr<scalar_t>();
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // Blocks of 8..64 elements, at least 4k of them where the row allows; too few blocks: heap only.
+    int64_t b = 64;
+    while (b > 8 && n / b < 4 * k) b /= 2;
+    const bool blocks = n / b >= 2 * k && (n + b - 1) / b <= 1024;
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      Scratch<acc_t> s;
+      s.heap_v.resize(k);
+      s.heap_i.resize(k);
+      s.block_max.resize((n + b - 1) / b);
+      s.cand_v.resize(n + 1);
+      s.cand_i.resize(n + 1);
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = src + r * n;
+        if (!(blocks && block_topk<scalar_t, acc_t>(row, n, k, b, s, val + r * k, idx + r * k))) {
+          heap_topk<scalar_t, acc_t>(row, n, k, s, val + r * k, idx + r * k);
+        }
+      }
+    });
+  });
+  return {values, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_coding, m) {
+  m.def("topk_last_dim(Tensor input, int k) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparse_coding, CPU, m) {
+  m.impl("topk_last_dim", &topk_last_dim);
+}

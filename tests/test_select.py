@@ -1,0 +1,64 @@
+"""The compiled CPU top-k against torch.topk: same values, indices that hold them, ties and NaN handled."""
+
+import pytest
+import torch
+
+from sparse_coding.saes import select
+from sparse_coding.saes.select import cpu_kernel_available, topk_last_dim
+
+
+def test_the_kernel_builds_here():
+    assert cpu_kernel_available()  # a C++ compiler and ninja are part of the set-up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "k"),
+    [((2, 3, 8192), 32), ((5, 1000), 7), ((4, 300), 256), ((3, 50), 50), ((6, 1), 1), ((2, 2, 129), 2)],
+)
+def test_matches_torch_topk(dtype, shape, k):
+    x = torch.randn(*shape).to(dtype)
+    vals, idx = topk_last_dim(x, k)
+    ref = x.topk(k, dim=-1, sorted=True).values
+    assert vals.dtype == dtype and idx.dtype == torch.long and vals.shape == ref.shape
+    assert torch.equal(vals, ref)
+    assert torch.equal(x.gather(-1, idx), vals)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # no index twice
+
+
+def test_ties_go_to_the_lower_index_and_nan_ranks_first():
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, float("nan"), 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    vals, idx = topk_last_dim(x, 3)
+    assert idx.tolist() == [[5, 1, 2], [0, 1, 2]]
+    assert vals[0, 0].isnan() and vals[0, 1:].tolist() == [3.0, 3.0]
+
+
+def test_masked_rows_with_few_finite_values():
+    """The AuxK use: most of the row is -inf; the finite entries come first, then -inf entries."""
+    x = torch.full((3, 4096), float("-inf"))
+    x[0, [5, 900, 4000]] = torch.tensor([0.5, -2.0, 3.0])
+    x[1, ::2] = torch.randn(2048)
+    vals, idx = topk_last_dim(x, 64)
+    assert vals[0, :3].tolist() == [3.0, 0.5, -2.0] and idx[0, :3].tolist() == [4000, 5, 900]
+    assert torch.isneginf(vals[0, 3:]).all() and torch.isneginf(vals[2]).all()
+    assert torch.equal(vals[1], x[1].topk(64).values)
+
+
+def test_large_rows_of_pre_activation_like_data():
+    """Block sizes and the bound on realistic shapes: many rows, k ≪ n, a heavy tail."""
+    x = torch.randn(512, 64) @ torch.randn(64, 16384) + torch.randn(16384)
+    for k in (16, 32, 64, 200):
+        vals, idx = topk_last_dim(x, k)
+        assert torch.equal(vals, x.topk(k).values)
+        assert torch.equal(x.gather(-1, idx), vals)
+
+
+def test_falls_back_to_torch_topk_when_asked(monkeypatch):
+    monkeypatch.setenv("SPARSE_CODING_NO_KERNEL", "1")
+    select.cpu_kernel_available.cache_clear()
+    try:
+        assert not cpu_kernel_available()
+        x = torch.randn(4, 100)
+        assert torch.equal(topk_last_dim(x, 5)[0], x.topk(5).values)
+    finally:
+        select.cpu_kernel_available.cache_clear()
