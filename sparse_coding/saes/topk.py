@@ -152,6 +152,20 @@ class _DecoderGrad(torch.autograd.Function):
         return g_out, None, None, g_W_dec
 
 
+def _top_dead(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """pre: [M, B, d_sae], dead: [M, d_sae] → the k_aux largest pre-activations among each model's dead latents
+    (ReLU'd; 0 where a model has fewer than k_aux), sorted, and their latent indices. Gathers the dead columns
+    first, so a handful of dead latents costs a handful of columns, not a pass over all of pre."""
+    M, B, _ = pre.shape
+    n_dead = dead.sum(-1)
+    D = int(n_dead.max())
+    cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :D]  # dead latents first, in order
+    sub = pre.gather(-1, cols[:, None, :].expand(M, B, D))
+    sub.masked_fill_((torch.arange(D, device=pre.device) >= n_dead[:, None])[:, None, :], float("-inf"))
+    vals, pos = topk_last_dim(sub, k_aux)  # sorted: see select()
+    return vals.relu(), cols.gather(-1, pos.reshape(M, -1)).view(M, B, k_aux)
+
+
 class _TopKEncode(torch.autograd.Function):
     """Encoder forward (one dense matmul into a reused buffer, then top-k; optionally the AuxK top-k over
     dead latents from the same pre-activations) with a backward that touches only the selected entries."""
@@ -165,9 +179,7 @@ class _TopKEncode(torch.autograd.Function):
         torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
         vals, idx = sae.select(pre)
         if dead is not None:
-            pre.masked_fill_(~dead[:, None, :], float("-inf"))
-            aux_vals, aux_idx = topk_last_dim(pre, k_aux)  # sorted: see select()
-            aux_vals = aux_vals.relu()  # -inf (too few dead latents in this model) becomes 0
+            aux_vals, aux_idx = _top_dead(pre, dead, k_aux)
         else:
             aux_vals = x.new_zeros(M, B, 0)
             aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)

@@ -127,61 +127,106 @@ void heap_topk(const scalar_t* row, int64_t n, int64_t k, Scratch<acc_t>& s, sca
   write_sorted(s.cand, k, out_v, out_i);
 }
 
-// Pass 1 of block_topk: the maximum of each block of b elements. Gives false if the row holds a NaN or an
-// infinity (v - v is then NaN), which block_topk leaves to heap_topk.
+// Pass 1 of block_topk: the maximum of each block of b elements (-inf for an all -inf block). Gives false
+// if the row holds a NaN, which block_topk leaves to heap_topk.
 template <typename scalar_t, typename acc_t>
 bool block_maxima(const scalar_t* row, int64_t n, int64_t b, acc_t* out) {
-  constexpr int L = 16;  // independent lanes, so the compiler can keep them in vector registers
-  acc_t finite[L] = {};
-  const int64_t G = (n + b - 1) / b;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t lo = g * b, hi = std::min(n, lo + b);
-    acc_t lanes[L];
-    for (int l = 0; l < L; ++l) lanes[l] = -std::numeric_limits<acc_t>::infinity();
-    int64_t j = lo;
-    for (; j + L <= hi; j += L) {
-      for (int l = 0; l < L; ++l) {
-        const acc_t v = static_cast<acc_t>(row[j + l]);
-        lanes[l] = v > lanes[l] ? v : lanes[l];
-        finite[l] += v - v;
-      }
-    }
+  bool nan = false;
+  for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
     acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (; j < hi; ++j) {
+    for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
       const acc_t v = static_cast<acc_t>(row[j]);
       m = v > m ? v : m;
-      finite[0] += v - v;
+      nan |= v != v;
     }
-    for (int l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
     out[g] = m;
   }
-  acc_t total = 0;
-  for (int l = 0; l < L; ++l) total += finite[l];
-  return total == 0;
+  return !nan;
 }
+
+#if defined(__GNUC__)
+// float rows, the training hot path: 16 lanes in GCC/Clang vector types, which compile to whatever SIMD the
+// target has; on x86-64 GCC also builds AVX2 and AVX-512 versions and picks one at load time.
+#if defined(__x86_64__) && !defined(__clang__)
+#define SC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SC_SIMD_CLONES
+#endif
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+template <>
+SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, int64_t n, int64_t b, float* out) {
+  constexpr int L = 16;
+  i32x16 nan = {};
+  for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
+    const int64_t lo = g * b, hi = std::min(n, lo + b);
+    f32x16 m;
+    for (int l = 0; l < L; ++l) m[l] = -std::numeric_limits<float>::infinity();
+    int64_t j = lo;
+    for (; j + L <= hi; j += L) {
+      f32x16 v;
+      std::memcpy(&v, row + j, sizeof v);
+      const i32x16 gt = v > m;  // all ones where v is larger; false for NaN, which keeps m
+      m = (f32x16)(((i32x16)v & gt) | ((i32x16)m & ~gt));
+      nan |= v != v;
+    }
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int l = 0; l < L; ++l) mx = m[l] > mx ? m[l] : mx;
+    for (; j < hi; ++j) {
+      mx = row[j] > mx ? row[j] : mx;
+      nan[0] |= row[j] != row[j];
+    }
+    out[g] = mx;
+  }
+  int32_t any = 0;
+  for (int l = 0; l < L; ++l) any |= nan[l];
+  return any == 0;
+}
+#endif
 
 // The fast path, for rows of at least k blocks: the k-th largest block maximum t is a lower bound on the
 // k-th largest element (those k blocks' maxima are k elements ≥ t), so only elements ≥ t, all in blocks
 // whose maximum is ≥ t, can be in the top k. Pass 1 reads the row once, vectorised; pass 2 reads ~k blocks
-// and keeps, branch-free, the few elements ≥ t (~k + a few on SAE pre-activations). Gives false, leaving
-// the row to heap_topk, for rows with NaN or infinities.
+// and keeps, branch-free, the few elements ≥ t (~k + a few on SAE pre-activations). When t is -inf (an
+// AuxK row masked to its few dead latents) the finite elements are kept and the rest of the k are the
+// first -inf entries, as in heap_topk. Gives false, leaving the row to heap_topk, for rows with NaN.
 template <typename scalar_t, typename acc_t>
 bool block_topk(const scalar_t* row, int64_t n, int64_t k, int64_t b, Scratch<acc_t>& s, scalar_t* out_v,
                 int64_t* out_i) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t G = (n + b - 1) / b;
   acc_t* bmax = s.block_max.data();
-  if (!block_maxima(row, n, b, bmax)) return false;
+  if (!block_maxima<scalar_t, acc_t>(row, n, b, bmax)) return false;
   const acc_t t = kth_largest(bmax, G, k);
   acc_t* cv = s.cand_v.data();
   int64_t* ci = s.cand_i.data();
   int64_t c = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    if (bmax[g] < t) continue;
-    for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-      const acc_t v = static_cast<acc_t>(row[j]);
-      cv[c] = v;
-      ci[c] = j;
-      c += v >= t;
+  if (t > neg_inf) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (bmax[g] < t) continue;
+      for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
+        const acc_t v = static_cast<acc_t>(row[j]);
+        cv[c] = v;
+        ci[c] = j;
+        c += v >= t;
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      if (bmax[g] == neg_inf) continue;
+      for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
+        const acc_t v = static_cast<acc_t>(row[j]);
+        cv[c] = v;
+        ci[c] = j;
+        c += v > neg_inf;
+      }
+    }
+    for (int64_t j = 0; j < n && c < k; ++j) {
+      if (static_cast<acc_t>(row[j]) == neg_inf) {
+        cv[c] = neg_inf;
+        ci[c++] = j;
+      }
     }
   }
   s.cand.clear();
