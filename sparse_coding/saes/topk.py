@@ -3,13 +3,12 @@ Loss = FVU + auxk_alpha · AuxK, where AuxK asks the latents that have been dead
 tokens to reconstruct the residual. The encoder starts as the decoder's transpose.
 
 The hot path never forms a dense [B, d_sae] gradient: the decoder is an embedding-bag over the k chosen
-rows, and the encoder's weight gradient is a sparse (CSR) matmul over the same k entries per token, so a
-step costs one dense matmul (the encoder forward) plus O(B·k·d_in) work.
+rows, and both weight gradients are per-latent sums over the same k entries per token (kernels.latent_sum),
+so a step costs one dense matmul (the encoder forward), the top-k selection and O(B·k·d_in) work.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -17,11 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
-from sparse_coding.saes.select import topk_last_dim
-
-# CSR matmul is all we use of torch's sparse support, and it is stable for that; the beta notice is noise.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+from sparse_coding.saes.kernels import latent_sum, topk_last_dim
 
 
 class TopKSAE(SAE):
@@ -108,8 +103,8 @@ class TopKSAE(SAE):
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     """vals, idx: [M, B, k], W_dec: [M, d_sae, d_in] → Σ_k vals · W_dec[idx], [M, B, d_in] (no bias).
 
-    embedding_bag gives the output and the gradient of vals; the decoder's gradient comes from a CSR matmul
-    over the same k entries per token (a third of embedding_bag's own dense scatter backward here)."""
+    embedding_bag gives the output and the gradient of vals; the decoder's gradient comes from latent_sum over
+    the same k entries per token (a fifth of embedding_bag's own dense scatter backward here)."""
     M, B, k = idx.shape
     d_sae, d_in = W_dec.shape[1:]
     offsets = (torch.arange(M, device=idx.device) * d_sae)[:, None, None]
@@ -122,21 +117,9 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     return _DecoderGrad.apply(out.view(M, B, d_in), vals.detach(), idx, W_dec)
 
 
-def by_latent(sel: Tensor, values: Tensor, d_sae: int) -> Tensor:
-    """sel, values: [M, B, k] → the CSR matrix [M·d_sae, M·B] holding values[m, b, s] at (m·d_sae + sel, m·B + b):
-    one row per latent listing the tokens that chose it. Times a [M·B, d] matrix it sums per latent."""
-    M, B, k = sel.shape
-    rows = (sel + (torch.arange(M, device=sel.device) * d_sae)[:, None, None]).reshape(-1)
-    order = torch.argsort(rows, stable=True)  # stable: each latent sums its tokens in one fixed order
-    crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
-    crow[1:] = torch.bincount(rows, minlength=M * d_sae).cumsum(0)
-    flat = values.reshape(-1)
-    return torch.sparse_csr_tensor(crow, order // k, flat[order], (M * d_sae, M * B), check_invariants=False)
-
-
 class _DecoderGrad(torch.autograd.Function):
     """Passes the decoder output through and gives W_dec its gradient, Σ over tokens that chose a latent of
-    vals · g_out[token], as one CSR matmul."""
+    vals · g_out[token]."""
 
     @staticmethod
     def forward(ctx, out, vals, idx, W_dec):  # type: ignore[override]
@@ -147,9 +130,7 @@ class _DecoderGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):  # type: ignore[override]
         vals, idx = ctx.saved_tensors
-        M, B, d_in = g_out.shape
-        g_W_dec = (by_latent(idx, vals, ctx.d_sae) @ g_out.reshape(M * B, d_in)).view(M, ctx.d_sae, d_in)
-        return g_out, None, None, g_W_dec
+        return g_out, None, None, latent_sum(idx, vals, g_out, ctx.d_sae)[0]
 
 
 def _top_dead(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
@@ -191,17 +172,13 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
         xc, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
-        M, B, d_in = xc.shape
         F_ = W_enc.shape[1]
         if g_aux is None or aux_idx.shape[-1] == 0:
             g, sel = g_vals * (vals > 0), idx
         else:
             g = torch.cat([g_vals * (vals > 0), g_aux * (aux_vals > 0)], dim=-1)
             sel = torch.cat([idx, aux_idx], dim=-1)
-        cols = (sel + (torch.arange(M, device=sel.device) * F_)[:, None, None]).reshape(-1)
-        g_b_enc = torch.zeros(M * F_, dtype=g.dtype, device=g.device).index_add_(0, cols, g.reshape(-1))
-        # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token].
-        g_W_enc = (by_latent(sel, g, F_) @ xc.reshape(M * B, d_in)).view(M, F_, d_in)
-        g_b_enc = g_b_enc.view(M, F_)
+        # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token]; b_enc.grad[m, j] = Σ g.
+        g_W_enc, g_b_enc = latent_sum(sel, g, xc, F_)
         g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
         return None, g_W_enc, g_b_enc, g_b_dec, None, None, None

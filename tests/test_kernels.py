@@ -1,10 +1,11 @@
-"""The compiled CPU top-k against torch.topk: same values, indices that hold them, ties and NaN handled."""
+"""The TopK primitives: the compiled CPU top-k against torch.topk (same values, indices that hold them, ties and
+NaN handled), its fallback, and the per-latent sums against a dense one-hot matmul."""
 
 import pytest
 import torch
 
-from sparse_coding.saes import select
-from sparse_coding.saes.select import cpu_kernel_available, topk_last_dim
+from sparse_coding.saes import kernels
+from sparse_coding.saes.kernels import cpu_kernel_available, latent_sum, topk_last_dim
 
 
 def test_the_kernel_builds_here():
@@ -53,12 +54,36 @@ def test_large_rows_of_pre_activation_like_data():
         assert torch.equal(x.gather(-1, idx), vals)
 
 
+def _dense_latent_sum(sel, w, X, d_sae):
+    onehot = torch.zeros(*sel.shape, d_sae, dtype=X.dtype).scatter_(-1, sel[..., None], 1.0)  # [M, B, K, F]
+    weights = (onehot * w[..., None]).sum(2)  # [M, B, F]
+    return weights.mT @ X, weights.sum(1)
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_latent_sum_matches_a_dense_matmul(expanded):
+    torch.set_default_dtype(torch.float64)
+    try:
+        M, B, K, d, F = 3, 50, 6, 7, 40
+        sel = torch.stack([torch.randperm(F)[:K] for _ in range(M * B)]).view(M, B, K)
+        sel[0, :, 0] = 5  # a latent every token chose
+        w = torch.randn(M, B, K)
+        X = torch.randn(1, B, d).expand(M, B, d) if expanded else torch.randn(M, B, d)
+        ref = _dense_latent_sum(sel, w, X, F)
+        out = latent_sum(sel, w, X, F)
+        for got, want in zip(out, ref, strict=True):
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_falls_back_to_torch_topk_when_asked(monkeypatch):
+    x = torch.randn(4, 100)
     monkeypatch.setenv("SPARSE_CODING_NO_KERNEL", "1")
-    select.cpu_kernel_available.cache_clear()
+    kernels.cpu_kernel_available.cache_clear()
     try:
         assert not cpu_kernel_available()
-        x = torch.randn(4, 100)
         assert torch.equal(topk_last_dim(x, 5)[0], x.topk(5).values)
     finally:
-        select.cpu_kernel_available.cache_clear()
+        kernels.cpu_kernel_available.cache_clear()

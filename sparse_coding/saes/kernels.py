@@ -1,0 +1,69 @@
+"""The TopK SAE's two sparse primitives: top-k selection (a compiled kernel on CPU, topk_cpu.cpp; torch.topk
+elsewhere) and per-latent sums over the tokens that chose each latent (a CSR matmul: MKL on CPU, cuSPARSE on CUDA).
+
+On 2 CPU cores at d_sae 8192, batch 4096, k 32, torch.topk took ~41 ms of a ~290 ms training step, the kernel
+~12 ms. It is built once per machine on first use (~15 s, cached by torch under ~/.cache/torch_extensions); where
+it cannot be built (no C++ compiler) torch.topk is used, with one warning. (A hand-written per-latent sum was
+~5 ms a step faster than the CSR matmul here, too little to keep a second kernel for.)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# CSR matmul is all we use of torch's sparse support, and it is stable for that; the beta notice is noise.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+_SOURCE = Path(__file__).with_name("topk_cpu.cpp")
+
+
+@functools.cache
+def cpu_kernel_available() -> bool:
+    """Builds (or loads the cached build of) the CPU kernel; False where that fails or SPARSE_CODING_NO_KERNEL=1."""
+    if os.environ.get("SPARSE_CODING_NO_KERNEL") == "1":
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name="sparse_coding_topk",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache: all mean "use torch.topk"
+        warnings.warn(f"the CPU top-k kernel could not be built, using torch.topk (slower): {e}", stacklevel=2)
+        return False
+    return True
+
+
+def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Gives (values, indices) of the k largest entries along the last dimension, sorted descending.
+    On CPU equal values come out in index order, so the result is deterministic."""
+    if x.device.type == "cpu" and not x.requires_grad and cpu_kernel_available():
+        return torch.ops.sparse_coding.topk_last_dim(x, k)
+    return x.topk(k, dim=-1, sorted=True)
+
+
+def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """sel (int64), w: [M, B, K], X: [M, B, d] → (out [M, d_sae, d], w_sum [M, d_sae]) with
+    out[m, j] = Σ over (b, s) where sel[m, b, s] = j of w[m, b, s] · X[m, b], and w_sum the same sum of w.
+    Each latent sums its tokens in token order (a stable sort): on CPU the result is deterministic."""
+    M, B, K = sel.shape
+    rows = (sel + (torch.arange(M, device=sel.device) * d_sae)[:, None, None]).reshape(-1)
+    order = torch.argsort(rows, stable=True)
+    crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
+    crow[1:] = torch.bincount(rows, minlength=M * d_sae).cumsum(0)
+    flat = w.reshape(-1)
+    by_latent = torch.sparse_csr_tensor(crow, order // K, flat[order], (M * d_sae, M * B), check_invariants=False)
+    out = (by_latent @ X.reshape(M * B, -1)).view(M, d_sae, -1)
+    w_sum = torch.zeros(M * d_sae, dtype=w.dtype, device=w.device).index_add_(0, rows, flat).view(M, d_sae)
+    return out, w_sum
