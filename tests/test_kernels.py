@@ -87,3 +87,13 @@ def test_falls_back_to_torch_topk_when_asked(monkeypatch):
         assert torch.equal(topk_last_dim(x, 5)[0], x.topk(5).values)
     finally:
         kernels.cpu_kernel_available.cache_clear()
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_bias_is_added_on_the_fly(per_slice):
+    x = torch.randn(3, 40, 2048)
+    bias = torch.randn(3, 2048) if per_slice else torch.randn(2048)
+    vals, idx = topk_last_dim(x, 16, bias)
+    ref = x + (bias[:, None, :] if per_slice else bias)
+    assert torch.equal(vals, ref.topk(16).values)
+    assert torch.equal(ref.gather(-1, idx), vals)

@@ -45,11 +45,19 @@ def cpu_kernel_available() -> bool:
     return True
 
 
-def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Gives (values, indices) of the k largest entries along the last dimension, sorted descending.
-    On CPU equal values come out in index order, so the result is deterministic."""
-    if x.device.type == "cpu" and not x.requires_grad and cpu_kernel_available():
-        return torch.ops.sparse_coding.topk_last_dim(x, k)
+def fuses_bias(x: Tensor) -> bool:
+    """True where topk_last_dim adds its bias on the fly (the CPU kernel): the caller can skip adding it."""
+    return x.device.type == "cpu" and not x.requires_grad and cpu_kernel_available()
+
+
+def topk_last_dim(x: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Gives (values, indices) of the k largest entries of x + bias along the last dimension, sorted
+    descending; bias is [n] or [x.shape[0], n] (one row per slice of a stack). On CPU equal values come out
+    in index order, so the result is deterministic."""
+    if fuses_bias(x):
+        return torch.ops.sparse_coding.topk_last_dim(x, k, bias)
+    if bias is not None:
+        x = x + (bias if bias.dim() == 1 else bias.view(bias.shape[0], *[1] * (x.dim() - 2), -1))
     return x.topk(k, dim=-1, sorted=True)
 
 

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -103,17 +104,17 @@ void write_sorted(std::vector<std::pair<acc_t, int64_t>>& kept, int64_t k, scala
 // The general path (any k, NaN-aware): a min-heap of the k best so far, touched only when an element beats
 // its smallest.
 template <typename scalar_t, typename acc_t>
-void heap_topk(const scalar_t* row, int64_t n, int64_t k, Scratch<acc_t>& s, scalar_t* out_v, int64_t* out_i) {
+void heap_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, Scratch<acc_t>& s, scalar_t* out_v, int64_t* out_i) {
   acc_t* hv = s.heap_v.data();
   int64_t* hi = s.heap_i.data();
   for (int64_t j = 0; j < k; ++j) {
-    hv[j] = static_cast<acc_t>(row[j]);
+    hv[j] = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
     hi[j] = j;
   }
   for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(hv, hi, k, p);
   acc_t floor_v = hv[0];
   for (int64_t j = k; j < n; ++j) {
-    const acc_t v = static_cast<acc_t>(row[j]);
+    const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
     // Later indices lose ties, so only a strictly larger value (or a NaN over a number) gets in.
     if (v > floor_v || (std::isnan(v) && !std::isnan(floor_v))) {
       hv[0] = v;
@@ -130,12 +131,12 @@ void heap_topk(const scalar_t* row, int64_t n, int64_t k, Scratch<acc_t>& s, sca
 // Pass 1 of block_topk: the maximum of each block of b elements (-inf for an all -inf block). Gives false
 // if the row holds a NaN, which block_topk leaves to heap_topk.
 template <typename scalar_t, typename acc_t>
-bool block_maxima(const scalar_t* row, int64_t n, int64_t b, acc_t* out) {
+bool block_maxima(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t b, acc_t* out) {
   bool nan = false;
   for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-      const acc_t v = static_cast<acc_t>(row[j]);
+      const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
       m = v > m ? v : m;
       nan |= v != v;
     }
@@ -156,7 +157,8 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 template <>
-SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, int64_t n, int64_t b, float* out) {
+SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, const float* bias, int64_t n, int64_t b,
+                                               float* out) {
   constexpr int L = 16;
   i32x16 nan = {};
   for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
@@ -165,8 +167,10 @@ SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, int64_t n, int6
     for (int l = 0; l < L; ++l) m[l] = -std::numeric_limits<float>::infinity();
     int64_t j = lo;
     for (; j + L <= hi; j += L) {
-      f32x16 v;
+      f32x16 v, bv;
       std::memcpy(&v, row + j, sizeof v);
+      std::memcpy(&bv, bias + j, sizeof bv);
+      v += bv;
       const i32x16 gt = v > m;  // all ones where v is larger; false for NaN, which keeps m
       m = (f32x16)(((i32x16)v & gt) | ((i32x16)m & ~gt));
       nan |= v != v;
@@ -174,8 +178,9 @@ SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, int64_t n, int6
     float mx = -std::numeric_limits<float>::infinity();
     for (int l = 0; l < L; ++l) mx = m[l] > mx ? m[l] : mx;
     for (; j < hi; ++j) {
-      mx = row[j] > mx ? row[j] : mx;
-      nan[0] |= row[j] != row[j];
+      const float v = row[j] + bias[j];
+      mx = v > mx ? v : mx;
+      nan[0] |= v != v;
     }
     out[g] = mx;
   }
@@ -192,12 +197,12 @@ SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, int64_t n, int6
 // AuxK row masked to its few dead latents) the finite elements are kept and the rest of the k are the
 // first -inf entries, as in heap_topk. Gives false, leaving the row to heap_topk, for rows with NaN.
 template <typename scalar_t, typename acc_t>
-bool block_topk(const scalar_t* row, int64_t n, int64_t k, int64_t b, Scratch<acc_t>& s, scalar_t* out_v,
+bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, int64_t b, Scratch<acc_t>& s, scalar_t* out_v,
                 int64_t* out_i) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t G = (n + b - 1) / b;
   acc_t* bmax = s.block_max.data();
-  if (!block_maxima<scalar_t, acc_t>(row, n, b, bmax)) return false;
+  if (!block_maxima<scalar_t, acc_t>(row, bias, n, b, bmax)) return false;
   const acc_t t = kth_largest(bmax, G, k);
   acc_t* cv = s.cand_v.data();
   int64_t* ci = s.cand_i.data();
@@ -206,7 +211,7 @@ bool block_topk(const scalar_t* row, int64_t n, int64_t k, int64_t b, Scratch<ac
     for (int64_t g = 0; g < G; ++g) {
       if (bmax[g] < t) continue;
       for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-        const acc_t v = static_cast<acc_t>(row[j]);
+        const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
         cv[c] = v;
         ci[c] = j;
         c += v >= t;
@@ -216,14 +221,14 @@ bool block_topk(const scalar_t* row, int64_t n, int64_t k, int64_t b, Scratch<ac
     for (int64_t g = 0; g < G; ++g) {
       if (bmax[g] == neg_inf) continue;
       for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-        const acc_t v = static_cast<acc_t>(row[j]);
+        const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
         cv[c] = v;
         ci[c] = j;
         c += v > neg_inf;
       }
     }
     for (int64_t j = 0; j < n && c < k; ++j) {
-      if (static_cast<acc_t>(row[j]) == neg_inf) {
+      if (static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]) == neg_inf) {
         cv[c] = neg_inf;
         ci[c++] = j;
       }
@@ -235,13 +240,30 @@ bool block_topk(const scalar_t* row, int64_t n, int64_t k, int64_t b, Scratch<ac
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_t k) {
+// Top-k of input + bias, where bias (optional) is [n] for every row or [input.size(0), n], one row of bias per
+// slice of the first dimension (a stack of SAEs' encoder biases). Adding it here, as each element is read,
+// saves the caller a pass over the whole input.
+std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_t k,
+                                                 const std::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(input.device().is_cpu(), "topk_last_dim: CPU tensors only");
   TORCH_CHECK(input.dim() >= 1, "topk_last_dim: input needs a last dimension");
   const int64_t n = input.size(-1);
   TORCH_CHECK(k >= 1 && k <= n, "topk_last_dim: k must be in 1..", n, ", got ", k);
   const at::Tensor x = input.contiguous();
-  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const int64_t rows = x.numel() / n;
+  at::Tensor bias;
+  int64_t rows_per_bias = rows;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "topk_last_dim: bias must have the input's dtype");
+    if (bias.dim() == 2 && input.dim() >= 2) {
+      TORCH_CHECK(bias.size(0) == input.size(0) && bias.size(1) == n, "topk_last_dim: bias must be [", n,
+                  "] or [", input.size(0), ", ", n, "]");
+      rows_per_bias = rows / input.size(0);
+    } else {
+      TORCH_CHECK(bias.numel() == n, "topk_last_dim: bias must be [", n, "] or [input.size(0), ", n, "]");
+    }
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = k;
   at::Tensor values = at::empty(shape, x.options());
@@ -249,6 +271,9 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
   int64_t* idx = indices.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_last_dim", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
+    // No bias: a row of zeros, so one code path serves both (adding 0 changes no value's rank).
+    const at::Tensor zeros = bias.defined() ? at::Tensor() : at::zeros({n}, x.options());
+    const scalar_t* bias_p = (bias.defined() ? bias : zeros).const_data_ptr<scalar_t>();
     scalar_t* val = values.data_ptr<scalar_t>();
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     // Blocks of 8..64 elements, at least 4k of them where the row allows; too few blocks: heap only.
@@ -264,8 +289,9 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
       s.cand_i.resize(n + 1);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = src + r * n;
-        if (!(blocks && block_topk<scalar_t, acc_t>(row, n, k, b, s, val + r * k, idx + r * k))) {
-          heap_topk<scalar_t, acc_t>(row, n, k, s, val + r * k, idx + r * k);
+        const scalar_t* br = bias_p + (r / rows_per_bias) * n;
+        if (!(blocks && block_topk<scalar_t, acc_t>(row, br, n, k, b, s, val + r * k, idx + r * k))) {
+          heap_topk<scalar_t, acc_t>(row, br, n, k, s, val + r * k, idx + r * k);
         }
       }
     });
@@ -276,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
 }  // namespace
 
 TORCH_LIBRARY(sparse_coding, m) {
-  m.def("topk_last_dim(Tensor input, int k) -> (Tensor, Tensor)");
+  m.def("topk_last_dim(Tensor input, int k, Tensor? bias=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparse_coding, CPU, m) {
