@@ -1,6 +1,11 @@
 """The TopK primitives: the compiled CPU top-k against torch.topk (same values, indices that hold them, ties and
 NaN handled), its fallback, and the per-latent sums against a dense one-hot matmul."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -97,3 +102,18 @@ def test_bias_is_added_on_the_fly(per_slice):
     ref = x + (bias[:, None, :] if per_slice else bias)
     assert torch.equal(vals, ref.topk(16).values)
     assert torch.equal(ref.gather(-1, idx), vals)
+
+
+def test_a_stale_build_lock_does_not_hang_the_load(tmp_path):
+    """A build killed mid-way leaves torch's lock file behind; an old one is cleared, not waited on. (In a
+    fresh process: a second build of the kernel cannot be loaded beside the first.)"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    code = "from sparse_coding.saes import kernels; print(kernels.build_directory())"
+    build = Path(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip())
+    build.mkdir(parents=True)
+    lock = build / "lock"
+    lock.touch()
+    os.utime(lock, (0, 0))
+    code = "from sparse_coding.saes import kernels; assert kernels.cpu_kernel_available()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert not lock.exists()

@@ -2,15 +2,18 @@
 elsewhere) and per-latent sums over the tokens that chose each latent (a CSR matmul: MKL on CPU, cuSPARSE on CUDA).
 
 On 2 CPU cores at d_sae 8192, batch 4096, k 32, torch.topk took ~41 ms of a ~290 ms training step, the kernel
-~12 ms. It is built once per machine on first use (~15 s, cached by torch under ~/.cache/torch_extensions); where
-it cannot be built (no C++ compiler) torch.topk is used, with one warning. (A hand-written per-latent sum was
-~5 ms a step faster than the CSR matmul here, too little to keep a second kernel for.)
+~12 ms. `make setup` builds it (~15 s) into ~/.cache/sparse_coding/ (or $TORCH_EXTENSIONS_DIR), in a folder per
+torch and Python version so two environments never load each other's build; otherwise the first use builds it.
+Where it cannot be built (no C++ compiler) torch.topk is used, with one warning. (A hand-written per-latent sum
+was ~5 ms a step faster than the CSR matmul here, too little to keep a second kernel for.)
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +27,13 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 _SOURCE = Path(__file__).with_name("topk_cpu.cpp")
 
 
+def build_directory() -> Path:
+    """Where the kernel is built: one folder per torch and Python version (a build links against one torch)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "sparse_coding"
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    return Path(root) / tag / "sparse_coding_topk"
+
+
 @functools.cache
 def cpu_kernel_available() -> bool:
     """Builds (or loads the cached build of) the CPU kernel; False where that fails or SPARSE_CODING_NO_KERNEL=1."""
@@ -32,9 +42,15 @@ def cpu_kernel_available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        build = build_directory()
+        build.mkdir(parents=True, exist_ok=True)
+        lock = build / "lock"  # torch waits forever on the lock of a build that was killed; a build takes ~15 s
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
         load(
             name="sparse_coding_topk",
             sources=[str(_SOURCE)],
+            build_directory=str(build),
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
