@@ -58,8 +58,8 @@ class TopKSAE(SAE):
     def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """pre (+ bias [M, d_sae], if given): [M, B, d_sae] → (values, indices) [M, B, k_max]; values ReLU'd,
         zero past each model's k."""
-        # Sorted, so rank r is kept by model m when r < k[m], and an SAE sums its
-        # latents in the same order whichever other k share its stack: results do not depend on the stacking.
+        # Sorted, so rank r is kept by model m when r < k[m], and an SAE sums its latents in the same order
+        # whichever other k share its stack: results do not depend on the stacking.
         vals, idx = topk_last_dim(pre, self.k_max, bias)
         vals = vals.relu()
         if any(k != self.k_max for k in self.ks):
@@ -137,9 +137,9 @@ class _DecoderGrad(torch.autograd.Function):
 
 
 def _top_dead(pre: Tensor, dead: Tensor, k_aux: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """pre (+ bias): [M, B, d_sae], dead: [M, d_sae] → the k_aux largest pre-activations among each model's dead latents
-    (ReLU'd; 0 where a model has fewer than k_aux), sorted, and their latent indices. Gathers the dead columns
-    first, so a handful of dead latents costs a handful of columns, not a pass over all of pre."""
+    """pre (+ bias): [M, B, d_sae], dead: [M, d_sae] → the k_aux largest pre-activations among each model's
+    dead latents (ReLU'd; 0 where a model has fewer than k_aux), sorted, and their latent indices. Gathers the
+    dead columns first, so a handful of dead latents costs a handful of columns, not a pass over all of pre."""
     M, B, _ = pre.shape
     n_dead = dead.sum(-1)
     D = int(n_dead.max())
