@@ -17,7 +17,7 @@ def test_the_kernel_builds_here():
     assert cpu_kernel_available()  # a C++ compiler and ninja are part of the set-up
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("shape", "k"),
     [((2, 3, 8192), 32), ((5, 1000), 7), ((4, 300), 256), ((3, 50), 50), ((6, 1), 1), ((2, 2, 129), 2)],
@@ -94,14 +94,37 @@ def test_falls_back_to_torch_topk_when_asked(monkeypatch):
         kernels.cpu_kernel_available.cache_clear()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("per_slice", [False, True])
-def test_bias_is_added_on_the_fly(per_slice):
-    x = torch.randn(3, 40, 2048)
-    bias = torch.randn(3, 2048) if per_slice else torch.randn(2048)
+def test_bias_is_added_on_the_fly(per_slice, dtype):
+    x = torch.randn(3, 40, 2048).to(dtype)
+    bias = (torch.randn(3, 2048) if per_slice else torch.randn(2048)).to(dtype)
     vals, idx = topk_last_dim(x, 16, bias)
     ref = x + (bias[:, None, :] if per_slice else bias)
     assert torch.equal(vals, ref.topk(16).values)
     assert torch.equal(ref.gather(-1, idx), vals)
+
+
+def test_rounded_sums_tie_break_by_index():
+    """2048 + 1 rounds to 2048 in float16: a tie, which the lower index wins, as for torch.topk(x + bias)."""
+    x, bias = torch.tensor([2048.0, 2048.0], dtype=torch.half), torch.tensor([0.0, 1.0], dtype=torch.half)
+    assert topk_last_dim(x, 1, bias)[1].tolist() == [0]
+
+
+def test_edge_shapes_and_bad_bias():
+    vals, idx = topk_last_dim(torch.randn(0, 5, 8), 2, torch.randn(0, 8))
+    assert vals.shape == idx.shape == (0, 5, 2)
+    with pytest.raises(ValueError, match="bias must be"):
+        topk_last_dim(torch.randn(6), 2, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="bias must be"):
+        topk_last_dim(torch.randn(4, 5, 8), 2, torch.randn(1, 8))
+
+
+def test_a_bias_that_needs_its_gradient_gets_it():
+    x, bias = torch.randn(3, 600), torch.randn(600, requires_grad=True)
+    vals, _ = topk_last_dim(x, 4, bias)
+    vals.sum().backward()
+    assert bias.grad is not None and bias.grad.sum() == 12
 
 
 def test_a_stale_build_lock_does_not_hang_the_load(tmp_path):

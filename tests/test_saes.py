@@ -54,10 +54,11 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ks", [[3, 3], [2, 4]])
-def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks, device):
+@pytest.mark.parametrize("f", [10, 512])  # 512: the CPU top-k's block path, not only its heap
+def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks, f, device):
     torch.set_default_dtype(torch.float64)
     try:
-        d, f, B = 6, 10, 7
+        d, B = 6, 7
         x = torch.randn(B, d, device=device)
         sae = build_sae("topk", d, f, [{"k": k} for k in ks], decoder_bias=bias, dead_tokens_threshold=1).to(device)
         _perturb(sae, bias)

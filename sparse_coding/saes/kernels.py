@@ -63,14 +63,21 @@ def cpu_kernel_available() -> bool:
 
 def fuses_bias(x: Tensor) -> bool:
     """True where topk_last_dim adds its bias on the fly (the CPU kernel): the caller can skip adding it."""
-    return x.device.type == "cpu" and not x.requires_grad and cpu_kernel_available()
+    return x.device.type == "cpu" and not _needs_grad(x) and cpu_kernel_available()
+
+
+def _needs_grad(t: Tensor | None) -> bool:
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
 
 
 def topk_last_dim(x: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gives (values, indices) of the k largest entries of x + bias along the last dimension, sorted
     descending; bias is [n] or [x.shape[0], n] (one row per slice of a stack). On CPU equal values come out
     in index order, so the result is deterministic."""
-    if fuses_bias(x):
+    shapes = [x.shape[-1:]] + ([(x.shape[0], x.shape[-1])] if x.dim() >= 2 else [])
+    if bias is not None and tuple(bias.shape) not in [tuple(s) for s in shapes]:
+        raise ValueError(f"bias must be [{x.shape[-1]}] or [{x.shape[0]}, {x.shape[-1]}], got {list(bias.shape)}")
+    if fuses_bias(x) and not _needs_grad(bias):  # the kernel has no backward
         return torch.ops.sparse_coding.topk_last_dim(x, k, bias)
     if bias is not None:
         x = x + (bias if bias.dim() == 1 else bias.view(bias.shape[0], *[1] * (x.dim() - 2), -1))

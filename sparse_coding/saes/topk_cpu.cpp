@@ -48,6 +48,13 @@ inline void sift_down(acc_t* v, int64_t* i, int64_t k, int64_t pos) {
   }
 }
 
+// Element j of row + bias as the input dtype holds it (rounded to scalar_t, as torch's x + bias would be), then
+// widened: ranks and ties are those of the rounded sums, so half and bfloat16 tie-break like torch.topk(x + bias).
+template <typename scalar_t, typename acc_t>
+inline acc_t at_j(const scalar_t* row, const scalar_t* bias, int64_t j) {
+  return static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j])));
+}
+
 // Order-preserving map of a (non-NaN) float or double to an unsigned integer of the same width.
 inline uint32_t order_key(float v) {
   uint32_t u;
@@ -108,13 +115,13 @@ void heap_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, 
   acc_t* hv = s.heap_v.data();
   int64_t* hi = s.heap_i.data();
   for (int64_t j = 0; j < k; ++j) {
-    hv[j] = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
+    hv[j] = at_j<scalar_t, acc_t>(row, bias, j);
     hi[j] = j;
   }
   for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(hv, hi, k, p);
   acc_t floor_v = hv[0];
   for (int64_t j = k; j < n; ++j) {
-    const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
+    const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
     // Later indices lose ties, so only a strictly larger value (or a NaN over a number) gets in.
     if (v > floor_v || (std::isnan(v) && !std::isnan(floor_v))) {
       hv[0] = v;
@@ -136,7 +143,7 @@ bool block_maxima(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t 
   for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-      const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
+      const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
       m = v > m ? v : m;
       nan |= v != v;
     }
@@ -211,7 +218,7 @@ bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k,
     for (int64_t g = 0; g < G; ++g) {
       if (bmax[g] < t) continue;
       for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-        const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
+        const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
         cv[c] = v;
         ci[c] = j;
         c += v >= t;
@@ -221,14 +228,14 @@ bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k,
     for (int64_t g = 0; g < G; ++g) {
       if (bmax[g] == neg_inf) continue;
       for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-        const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
+        const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
         cv[c] = v;
         ci[c] = j;
         c += v > neg_inf;
       }
     }
     for (int64_t j = 0; j < n && c < k; ++j) {
-      if (static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]) == neg_inf) {
+      if (at_j<scalar_t, acc_t>(row, bias, j) == neg_inf) {
         cv[c] = neg_inf;
         ci[c++] = j;
       }
@@ -251,18 +258,21 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
   TORCH_CHECK(k >= 1 && k <= n, "topk_last_dim: k must be in 1..", n, ", got ", k);
   const at::Tensor x = input.contiguous();
   const int64_t rows = x.numel() / n;
+  if (rows == 0) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = k;
+    return {at::empty(shape, x.options()), at::empty(shape, x.options().dtype(at::kLong))};
+  }
   at::Tensor bias;
   int64_t rows_per_bias = rows;
   if (bias_in.has_value()) {
     bias = bias_in->contiguous();
     TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "topk_last_dim: bias must have the input's dtype");
-    if (bias.dim() == 2 && input.dim() >= 2) {
-      TORCH_CHECK(bias.size(0) == input.size(0) && bias.size(1) == n, "topk_last_dim: bias must be [", n,
-                  "] or [", input.size(0), ", ", n, "]");
-      rows_per_bias = rows / input.size(0);
-    } else {
-      TORCH_CHECK(bias.numel() == n, "topk_last_dim: bias must be [", n, "] or [input.size(0), ", n, "]");
-    }
+    const bool per_slice =
+        bias.dim() == 2 && input.dim() >= 2 && bias.size(0) == input.size(0) && bias.size(1) == n;
+    TORCH_CHECK(per_slice || (bias.dim() == 1 && bias.size(0) == n), "topk_last_dim: bias must be [", n,
+                "] or [input.size(0), ", n, "]");
+    if (per_slice) rows_per_bias = rows / input.size(0);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = k;
