@@ -155,15 +155,21 @@ def _json_object(text: str | None) -> Any:
         return None
 
 
-def parse_simulation_json(text: str | None, n_tokens: int) -> list[float] | None:
+def _json_numbers(text: str | None, key: str, n: int) -> list[float] | None:
+    """The list under `key` in the reply's JSON object; None unless it has n entries that are numbers."""
     obj = _json_object(text)
-    values = obj.get("activations") if isinstance(obj, dict) else None
-    if not isinstance(values, list) or len(values) != n_tokens:
+    values = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(values, list) or len(values) != n:
         return None
     try:
-        return [min(float(MAX_LEVEL), max(0.0, float(v))) for v in values]
+        return [float(v) for v in values]
     except (TypeError, ValueError):
         return None
+
+
+def parse_simulation_json(text: str | None, n_tokens: int) -> list[float] | None:
+    values = _json_numbers(text, "activations", n_tokens)
+    return None if values is None else [min(float(MAX_LEVEL), max(0.0, v)) for v in values]
 
 
 def _numbered(texts: Sequence[str]) -> str:
@@ -210,11 +216,4 @@ def fuzzing_messages(explanation: str, examples: Sequence[tuple[Sequence[str], S
 
 def parse_answers(text: str | None, n: int) -> list[float] | None:
     """The 0/1 answers list; None unless it has n entries that are numbers."""
-    obj = _json_object(text)
-    answers = obj.get("answers") if isinstance(obj, dict) else None
-    if not isinstance(answers, list) or len(answers) != n:
-        return None
-    try:
-        return [float(a) for a in answers]
-    except (TypeError, ValueError):
-        return None
+    return _json_numbers(text, "answers", n)
