@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from argparser import parse_config
-from sparse_coding.interpret_run import InterpretRunConfig, run_interpret
+from sparse_coding.pipelines.interpret import InterpretRunConfig, run_interpret
 from utils import run_main
 
 

@@ -13,18 +13,18 @@ from __future__ import annotations
 import sys
 
 from argparser import parse_config
-from sparse_coding.toy_sweep import PRESETS, ToyRunConfig, run_toy
-from utils import make_run_dir, run_main, seed_everything, tune_allocator
+from sparse_coding.pipelines.toy import PRESETS, ToyRunConfig, run_toy
+from utils import run_folder, run_main, seed_everything, tune_allocator
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ToyRunConfig, __doc__, argv, presets=PRESETS, default_preset="cpu")
-    out_dir = make_run_dir(cfg.out or None, f"toy_{cfg.preset}")
-    tune_allocator()
-    seed_everything(cfg.seed)
-    results = run_toy(cfg, out_dir)
+    with run_folder(cfg.out or None, f"toy_{cfg.preset}", kind="toy") as out_dir:
+        tune_allocator()
+        seed_everything(cfg.seed)
+        results = run_toy(cfg, out_dir)
     best = max(results["runs"], key=lambda r: r["mmcs"])
-    knob = "k" if cfg.arch == "topk" else "l1_alpha"
+    knob = best["knob"]
     print(f"best MMCS {best['mmcs']:.3f} at {knob}={best[knob]:.4g}, dict_ratio={best['dict_ratio']:g}")
     print(f"results in {out_dir}")
 

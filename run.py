@@ -14,16 +14,16 @@ from __future__ import annotations
 import sys
 
 from argparser import parse_config
-from sparse_coding.lm_sweep import PRESETS, RunConfig, run_lm
-from utils import make_run_dir, run_main, seed_everything, tune_allocator
+from sparse_coding.pipelines.lm import PRESETS, RunConfig, run_lm
+from utils import run_folder, run_main, seed_everything, tune_allocator
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(RunConfig, __doc__, argv, presets=PRESETS, default_preset="default")
-    out_dir = make_run_dir(cfg.out or None, f"lm_{cfg.preset}")
-    tune_allocator()
-    seed_everything(cfg.seed)
-    results = run_lm(cfg, out_dir)
+    with run_folder(cfg.out or None, f"lm_{cfg.preset}", kind="lm") as out_dir:
+        tune_allocator()
+        seed_everything(cfg.seed)
+        results = run_lm(cfg, out_dir)
     if results:  # under torchrun only rank 0 reports
         print(f"{len(results['runs'])} SAEs trained on {results['hook_name']}; results in {out_dir}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from sparse_coding.nanogpt_train import parse_train_config, train
+from sparse_coding.models.nanogpt_train import parse_train_config, train
 from utils import run_main, tune_allocator
 
 

@@ -1,27 +1,40 @@
-"""Small shared helpers: user-facing errors, seeding, device choice and run folders."""
+"""Small shared helpers of the entry scripts: the one error exit, seeding, device choice and run folders."""
 
 from __future__ import annotations
 
+import errno
+import json
 import random
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparse_coding.errors import CheckpointError, ConfigError, UserError
 
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, wrong shape): printed as one line, exit 2."""
+# Environment faults a user fixes (disk full, no permission, read-only disk): one line, not a traceback.
+_ENV_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+RUN_MARKER = ".sparse_coding_run"  # in every run folder this tool made: only those are ever written into again
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Runs an entry point, turning a UserError into one plain message and a non-zero exit."""
+    """Runs an entry point, turning a UserError (or a full disk, a missing permission) into one plain line on
+    stderr and exit code 2."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
@@ -40,24 +53,44 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {name!r} (use auto, cpu or cuda)") from e
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA device")
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device")
     return device
 
 
-def make_run_dir(out: str | None, name: str, root: str = "outputs") -> Path:
-    """Gives a writable run folder: `out` as given, or outputs/<timestamp>_<name>/."""
+@contextmanager
+def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> Iterator[Path]:
+    """Gives the run folder `out` (default outputs/<timestamp>_<name>/) for a run of `kind`.
+
+    A run writes only into a folder it may own: a new or empty one (which it then marks as its own), or one an
+    earlier run of the same kind marked (to resume it, or to be refused there if it is finished). Anything else
+    is refused with one line and left untouched. A folder made here and left holding nothing but its mark when
+    the run fails is removed again.
+    """
     path = Path(out) if out else Path(root) / f"{datetime.now():%Y%m%d_%H%M%S}_{name}"
+    created = not path.exists()
+    marker = path / RUN_MARKER
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a file, not a folder")
+    if marker.is_file():
+        owner = json.loads(marker.read_text() or "{}").get("kind")
+        if owner != kind:
+            raise CheckpointError(f"{path} holds a {owner} run, not a {kind} run; choose another --out")
+    elif path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is not empty and was not made by this tool; choose a new or empty --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        marker.write_text(json.dumps({"kind": kind}) + "\n")
     except OSError as e:
-        raise UserError(f"cannot write to output folder {str(path)!r}: {e.strerror or e}") from e
-    return path
+        raise UserError(f"cannot write to output folder {str(path)!r}: {e.strerror or e}") from None
+    try:
+        yield path
+    except BaseException:
+        if created and [p.name for p in path.iterdir()] == [RUN_MARKER]:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def tune_allocator() -> None:

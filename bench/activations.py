@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sparse_coding.activations import ActivationDataset, ChunkSource, cache_activations  # noqa: E402
-from sparse_coding.lm import LanguageModel, Tokenizer, load_language_model  # noqa: E402
-from sparse_coding.train import SweepConfig, Trainer, build_stacks  # noqa: E402
+from sparse_coding.activations.batches import ChunkSource  # noqa: E402
+from sparse_coding.activations.store import ActivationDataset, cache_activations  # noqa: E402
+from sparse_coding.models.language_model import LanguageModel, Tokenizer, load_language_model  # noqa: E402
+from sparse_coding.training.config import SweepConfig  # noqa: E402
+from sparse_coding.training.trainer import Trainer, build_stacks  # noqa: E402
 from utils import tune_allocator  # noqa: E402
 
 

@@ -20,7 +20,7 @@ nvidia-smi -L
 $py -c "import torch, json; print(json.dumps({'cuda': torch.cuda.is_available(), 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'torch': torch.__version__, 'tf32_matmul': torch.backends.cuda.matmul.allow_tf32}))"
 
 # The fast training paths against dense float64 autograd, and ground-truth recovery, on cuda (and cpu).
-timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_saes.py tests/test_recovery.py tests/test_metrics.py -k "not cpu"
+timeout 150 $py -m pytest -q -p no:cacheprovider tests/saes/test_saes.py tests/training/test_recovery.py tests/eval/test_metrics.py -k "not cpu"
 log tests $?
 
 # Training-step throughput against this GPU's fp32 matmul roofline: the CPU figures' shapes and a big one.

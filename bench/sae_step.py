@@ -40,6 +40,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+KNOB_DEFAULTS = {"k": 32, "l1_alpha": 1e-3}  # a typical value of each knob
+
+
 def roofline_step_seconds(M: int, B: int, d: int, f: int, device: torch.device, repeats: int) -> float:
     """Gives the summed median times of the five matmuls of one dense step."""
     x, W_enc, W_dec = (torch.randn(*s, device=device) for s in ((M, B, d), (M, d, f), (M, f, d)))
@@ -60,11 +63,10 @@ def roofline_step_seconds(M: int, B: int, d: int, f: int, device: torch.device, 
     return sum(median_time(g, repeats) for g in gemms)
 
 
-def step_seconds(arch: str, M: int, B: int, d: int, f: int, k: int, device: torch.device, steps: int) -> float:
+def step_seconds(arch: str, M: int, B: int, d: int, f: int, knob: float, device: torch.device, steps: int) -> float:
     """Gives the median wall time of a full training step (forward, backward, fused Adam) of a stack."""
     torch.manual_seed(0)
-    hparams = [{"k": k} if arch == "topk" else {"l1_alpha": 1e-3} for _ in range(M)]
-    sae = build_sae(arch, d, f, hparams).to(device)
+    sae = build_sae(arch, d, f, [{SAES[arch].knob: knob}] * M).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     x = torch.randn(B, d, device=device)
 
@@ -85,7 +87,8 @@ def main() -> None:
     p.add_argument("--arch", choices=sorted(SAES), default="relu")
     p.add_argument("--d_in", type=int, default=512)
     p.add_argument("--d_sae", type=int, default=8192)
-    p.add_argument("--k", type=int, default=32, help="TopK only")
+    for name in sorted({cls.knob for cls in SAES.values()}):
+        p.add_argument(f"--{name}", type=float, default=KNOB_DEFAULTS.get(name), help="the knob, for the archs it is")
     p.add_argument("--batch", type=int, default=4096, help="tokens per step, per model")
     p.add_argument("--n_models", type=int, default=1, help="SAEs stacked in lockstep")
     p.add_argument("--steps", type=int, default=7, help="timed steps (the median is kept)")
@@ -96,10 +99,12 @@ def main() -> None:
     tune_allocator()
     device = torch.device(a.device)
     M, B, d, f = a.n_models, a.batch, a.d_in, a.d_sae
+    knob_name = SAES[a.arch].knob
+    knob = getattr(a, knob_name)
     # Rounds alternate step and roofline timings, so drift in the machine's speed hits both alike.
     rounds = [
         (
-            step_seconds(a.arch, M, B, d, f, a.k, device, a.steps),
+            step_seconds(a.arch, M, B, d, f, knob, device, a.steps),
             roofline_step_seconds(M, B, d, f, device, a.repeats),
         )
         for _ in range(a.rounds)
@@ -111,7 +116,7 @@ def main() -> None:
         "arch": a.arch,
         "d_in": d,
         "d_sae": f,
-        "k": a.k if a.arch == "topk" else None,
+        knob_name: knob,
         "batch": B,
         "n_models": M,
         "tokens_per_s": round(M * B / t_step),
@@ -123,8 +128,8 @@ def main() -> None:
     if M > 1:  # the rival: one SAE, same tokens per step in one batch
         pairs = [
             (
-                step_seconds(a.arch, 1, M * B, d, f, a.k, device, a.steps),
-                step_seconds(a.arch, M, B, d, f, a.k, device, a.steps),
+                step_seconds(a.arch, 1, M * B, d, f, knob, device, a.steps),
+                step_seconds(a.arch, M, B, d, f, knob, device, a.steps),
             )
             for _ in range(a.rounds)
         ]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.decomposition import PCA, FastICA
 
-from utils import UserError
+from sparse_coding.errors import UserError
 
 METHODS = ("neuron", "pca", "ica", "random")
 

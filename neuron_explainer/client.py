@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from utils import UserError
+from sparse_coding.errors import UserError
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx

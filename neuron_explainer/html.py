@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron_explainer.pipeline import SCORERS, load_feature_results
-from sparse_coding.io import read_json
+from sparse_coding.files import read_json
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }

@@ -24,8 +24,8 @@ from neuron_explainer.offline import OfflineExplainer, OfflineSimulator
 from neuron_explainer.records import ActivationRecord, FeatureRecord
 from neuron_explainer.score import binary_scores, correlation_scores, parse_failure_rate
 from neuron_explainer.simulate import LLMSimulator, Simulator
-from sparse_coding.io import finite_or_none, read_json, write_json
-from utils import UserError
+from sparse_coding.errors import UserError
+from sparse_coding.files import finite_or_none, read_json, write_json
 
 log = logging.getLogger(__name__)
 STANDARD_METHODS = ("sae", "neuron", "pca", "random")  # always present in summary.json's by_method

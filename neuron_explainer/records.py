@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from utils import UserError
+from sparse_coding.errors import UserError
 
 
 @dataclass

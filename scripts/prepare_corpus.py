@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from argparser import parse_config
-from sparse_coding.corpus import (
+from sparse_coding.data.corpus import (
     DEFAULT_CORPUS_DIR,
     META_FILE,
     find_text_files,
@@ -26,7 +26,8 @@ from sparse_coding.corpus import (
     prepare_hub_corpus,
     prepare_text_corpus,
 )
-from utils import UserError, run_main
+from sparse_coding.errors import UserError
+from utils import run_main
 
 
 @dataclass

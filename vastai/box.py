@@ -19,15 +19,16 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from argparser import read_config_file
-from utils import UserError
+from argparser import Parser, add_fields, coerce_all, read_config_file
+from sparse_coding.config import Config, option
+from sparse_coding.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "box.yaml"
@@ -36,20 +37,20 @@ SSH_FIELDS = "ssh"
 RENT_FIELDS = "rent"
 
 
-def _opt(default: Any, help: str, group: str) -> Any:
-    return field(default=default, metadata={"help": help, "group": group})
+def _opt(default: Any, help: str, group: str, **bounds: Any) -> Any:
+    return option(default, help, group=group, **bounds)
 
 
 @dataclass
-class BoxConfig:
+class BoxConfig(Config):
     """How to reach the box and what to rent; every field is a flag and a key of the config file."""
 
     host: str | None = _opt(None, "box address (on vast.ai: ssh_host of `vastai show instance`)", SSH_FIELDS)
-    port: int = _opt(22, "ssh port", SSH_FIELDS)
+    port: int = _opt(22, "ssh port", SSH_FIELDS, gt=0, lt=65536)
     user: str = _opt("root", "ssh login name", SSH_FIELDS)
     key: str | None = _opt(None, "private key file (default: whatever ssh picks)", SSH_FIELDS)
     known_hosts: str | None = _opt(None, "known_hosts file (default: ~/.ssh/known_hosts)", SSH_FIELDS)
-    connect_timeout: int = _opt(10, "seconds ssh waits for the box to answer", SSH_FIELDS)
+    connect_timeout: int = _opt(10, "seconds ssh waits for the box to answer", SSH_FIELDS, gt=0)
     remote_dir: str = _opt("sparse_coding", "project folder on the box: absolute, or relative to the home", SSH_FIELDS)
     local_dir: str = _opt(str(REPO_ROOT), "local project: synced up, results fetched to its outputs/", SSH_FIELDS)
     secrets_file: str = _opt("~/.config/sparse_coding/secrets.env", "local file of KEY=value lines", SSH_FIELDS)
@@ -59,38 +60,22 @@ class BoxConfig:
     tmux_socket: str = _opt("sparse_coding", "tmux server name (tmux -L) for detached runs", SSH_FIELDS)
     vastai: str = _opt("vastai", "the vast.ai client executable (default: $VASTAI_BIN or vastai)", RENT_FIELDS)
     gpu: str = _opt("RTX_3090", "GPU model as vast.ai names it (spaces become underscores)", RENT_FIELDS)
-    num_gpus: int = _opt(1, "GPUs per box", RENT_FIELDS)
-    max_price: float = _opt(0.5, "price cap in $/hour for the whole box", RENT_FIELDS)
-    disk: int = _opt(40, "disk in GB", RENT_FIELDS)
+    num_gpus: int = _opt(1, "GPUs per box", RENT_FIELDS, gt=0)
+    max_price: float = _opt(0.5, "price cap in $/hour for the whole box", RENT_FIELDS, gt=0)
+    disk: int = _opt(40, "disk in GB", RENT_FIELDS, gt=0)
     image: str = _opt("pytorch/pytorch:latest", "docker image the box starts from", RENT_FIELDS)
     instance_id: int | None = _opt(None, "the rented instance (rent --write_config stores it)", RENT_FIELDS)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(BoxConfig)}
-_TYPES = {"port": int, "connect_timeout": int, "num_gpus": int, "disk": int, "instance_id": int, "max_price": float}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    kind = _TYPES.get(name, str)
-    if value is None:
-        return None
-    try:
-        return kind(value)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{name} must be {kind.__name__}, got {value!r}") from e
 
 
 def load_config(config_path: str | None, flags: dict[str, Any]) -> BoxConfig:
     """Gives the config: defaults < $VASTAI_BIN < config file (default vastai/box.yaml if present) < flags."""
-    values: dict[str, Any] = {"vastai": os.environ.get("VASTAI_BIN") or "vastai"}
     path = config_path or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
-    file_values = read_config_file(path) if path else {}
-    unknown = sorted(set(file_values) - set(FIELDS))
-    if unknown:
-        raise UserError(f"config file {path!r} has unknown key(s): {', '.join(unknown)}")
-    values.update(file_values)
+    values = coerce_all(BoxConfig, read_config_file(path) if path else {}, f"config file {path!r}")
     values.update(flags)
-    return BoxConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    return dataclasses.replace(BoxConfig(vastai=os.environ.get("VASTAI_BIN") or "vastai"), **values)
 
 
 # ---- pure builders: argument lists and remote shell text ---------------------------------------------------------
@@ -519,19 +504,17 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m vastai",
         description="Rent a vast.ai GPU box, copy the project and secrets there, launch runs, fetch results.",
     )
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for name, (_, group, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help, argument_default=argparse.SUPPRESS)
+        p.error = parser.error  # type: ignore[method-assign]  # one line, exit 2, like every user error
         p.add_argument("--config", help=f"YAML or JSON file of the fields below (default: {DEFAULT_CONFIG} if present)")
         p.add_argument("--dry_run", "--dry-run", action="store_true", help="print the commands, one per line; run none")
-        for f in FIELDS.values():
-            if f.metadata["group"] == group:
-                flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-                p.add_argument(*flags, dest=f.name, type=_TYPES.get(f.name, str), help=f"{f.metadata['help']}")
+        add_fields(p, BoxConfig, only=lambda f, g=group: f.metadata["group"] == g, dashed_aliases=True)
         if name in ("wait", "rent"):
             p.add_argument("--tries", type=int, default=30 if name == "wait" else 60, help="how many checks")
             p.add_argument("--backoff", type=float, default=2.0, help="first pause in seconds; doubles, up to 30")

@@ -1,11 +1,11 @@
-"""SAE architectures, one file each, registered by the name used in configs and our cfg.json metadata.
-A new architecture is a new file plus one line in SAES."""
+"""Stage 4, SAE architectures, one file each, registered by the name used in configs and our cfg.json metadata.
+A new architecture is a new file plus one line in SAES (or a `register` call)."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from sparse_coding.errors import ConfigError, SAEFolderError
 from sparse_coding.saes.base import SAE, TrainOutput
 from sparse_coding.saes.relu import ReluSAE
 from sparse_coding.saes.topk import TopKSAE
@@ -16,14 +16,22 @@ SAES: dict[str, type[SAE]] = {
 }
 
 
-def build_sae(arch: str, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any) -> SAE:
-    """Gives a stack of len(hparams) SAEs of one architecture; options a class does not take are ignored,
-    so one sweep config can carry every architecture's options."""
+def register(cls: type[SAE]) -> type[SAE]:
+    """Adds an architecture to the registry (usable as a class decorator)."""
+    SAES[cls.architecture] = cls
+    return cls
+
+
+def sae_class(arch: str) -> type[SAE]:
+    """Gives the class registered as `arch`, or a ConfigError listing the known ones."""
     if arch not in SAES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(SAES)}")
-    cls = SAES[arch]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(d_in, d_sae, hparams, **{k: v for k, v in options.items() if k in accepted})
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(SAES)}")
+    return SAES[arch]
+
+
+def build_sae(arch: str, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any) -> SAE:
+    """Gives a stack of len(hparams) SAEs of one architecture with the given stack-wide options."""
+    return sae_class(arch)(d_in, d_sae, hparams, **options)
 
 
 def arch_for_saelens_name(name: str) -> str:
@@ -31,7 +39,7 @@ def arch_for_saelens_name(name: str) -> str:
     for arch, cls in SAES.items():
         if cls.saelens_architecture == name:
             return arch
-    raise ValueError(f"no architecture here matches SAELens' {name!r}")
+    raise SAEFolderError(f"no architecture here matches SAELens' {name!r}")
 
 
-__all__ = ["SAE", "SAES", "TrainOutput", "build_sae", "arch_for_saelens_name"]
+__all__ = ["SAE", "SAES", "TrainOutput", "arch_for_saelens_name", "build_sae", "register", "sae_class"]

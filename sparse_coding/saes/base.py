@@ -14,41 +14,54 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from sparse_coding.training.config import SweepConfig
+
 
 @dataclass
 class TrainOutput:
-    """What one training forward gives back; `loss` is per model and is what gets minimised."""
+    """What one training forward gives back: `loss` [M] is what gets minimised; `parts` holds its terms and
+    other per-model statistics of the batch ([M] each: mse, l0, l1 or fvu and auxk), filled only when asked
+    for, for the training log."""
 
-    loss: Tensor  # [M]
-    mse: Tensor  # [M] mean squared error per element
-    l0: Tensor  # [M] mean active features per example
-    fired: Tensor  # [M, d_sae] bool, features that fired on this batch
-    extra: dict[str, Tensor] = field(default_factory=dict)
+    loss: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 class SAE(nn.Module, ABC):
-    """A stack of `n_models` SAEs sharing d_in and d_sae; subclasses add the encoder nonlinearity and loss."""
+    """A stack of `n_models` SAEs sharing d_in and d_sae; subclasses add the encoder nonlinearity and loss.
 
-    architecture: ClassVar[str]  # our name, the registry key
+    The class owns everything about its architecture, so nothing outside saes/ tests its name: the knob swept
+    per SAE and where a sweep config gives its values (`knob_values`), the stack-wide options it reads from a
+    sweep config (`options`), its run-name tag, its SAELens cfg.json fields and how a saved one is read back.
+    """
+
+    architecture: ClassVar[str]  # our name: the registry key, --arch, "arch" in cfg.json's metadata
     saelens_architecture: ClassVar[str]  # the name SAELens' cfg.json uses
+    knob: ClassVar[str]  # the per-SAE sparsity setting a sweep varies ("l1_alpha", "k", ...)
+    options: ClassVar[tuple[str, ...]] = ("decoder_bias",)  # sweep-config fields every SAE of a stack shares
 
-    def __init__(self, d_in: int, d_sae: int, n_models: int, decoder_bias: bool = True):
+    def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], decoder_bias: bool = True):
         super().__init__()
-        self.d_in, self.d_sae, self.n_models = d_in, d_sae, n_models
+        if not hparams or any(self.knob not in h for h in hparams):
+            raise ValueError(f"{self.architecture} needs a {self.knob!r} for every SAE of the stack, got {hparams}")
+        self._hparams = [dict(h) for h in hparams]
+        self.d_in, self.d_sae, self.n_models = d_in, d_sae, len(hparams)
         self.decoder_bias = decoder_bias
-        self.W_enc = nn.Parameter(torch.empty(n_models, d_sae, d_in))
-        self.b_enc = nn.Parameter(torch.zeros(n_models, d_sae))
-        self.W_dec = nn.Parameter(torch.empty(n_models, d_sae, d_in))
+        M = self.n_models
+        self.W_enc = nn.Parameter(torch.empty(M, d_sae, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(M, d_sae))
+        self.W_dec = nn.Parameter(torch.empty(M, d_sae, d_in))
         # Without a decoder bias b_dec stays a zero buffer, so the SAELens layout still has one.
         if decoder_bias:
-            self.b_dec = nn.Parameter(torch.zeros(n_models, d_in))
+            self.b_dec = nn.Parameter(torch.zeros(M, d_in))
         else:
-            self.register_buffer("b_dec", torch.zeros(n_models, d_in))
+            self.register_buffer("b_dec", torch.zeros(M, d_in))
 
     # --- the SAE math -------------------------------------------------------------------------------------
     def decoder(self) -> Tensor:
@@ -94,10 +107,42 @@ class SAE(nn.Module, ABC):
     def train_forward(self, x: Tensor) -> TrainOutput:
         """One training forward on a batch x: [B, d_in] (the fast path; call backward before the next one)."""
 
-    # --- bookkeeping --------------------------------------------------------------------------------------
+    # --- what the architecture owns -------------------------------------------------------------------------
+    @classmethod
     @abstractmethod
+    def knob_values(cls, cfg: SweepConfig) -> list[Any]:
+        """Gives the values of this architecture's knob that a sweep config asks for, one SAE each."""
+
+    @classmethod
+    def check_sweep(cls, cfg: SweepConfig, dict_sizes: list[int]) -> None:
+        """Raises ConfigError for a sweep this architecture cannot train (e.g. k above a dictionary size)."""
+
+    def stack_options(self) -> dict[str, Any]:
+        """Gives the options this stack was built with (`options` by name), to rebuild it or a slice of it."""
+        return {name: getattr(self, name) for name in self.options}
+
     def hparams(self, m: int) -> dict[str, Any]:
-        """Gives model m's own hyperparameters (l1_alpha, k, ...) for names, results and cfg.json."""
+        """Gives model m's own hyperparameters ({knob: value}) for names, results and cfg.json."""
+        return dict(self._hparams[m])
+
+    def tag(self, m: int) -> str:
+        """Gives model m's part of its run name, e.g. "l1_0.1" or "k32"."""
+        return f"{self.knob}{self._hparams[m][self.knob]:g}"
+
+    def name(self, m: int) -> str:
+        """Gives model m's name in a sweep: its folder under saes/ and its key in results and logs."""
+        return f"{self.architecture}_d{self.d_sae}_{self.tag(m)}"
+
+    def saelens_cfg(self, m: int) -> dict[str, Any]:
+        """Gives the architecture-specific fields of cfg.json for model m (beyond d_in, d_sae, ...)."""
+        return {}
+
+    @classmethod
+    def hparams_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Gives {knob: value} of a saved SAE from its cfg.json (our metadata, or SAELens' own fields)."""
+        return {cls.knob: (cfg.get("metadata") or {}).get(cls.knob, 0.0)}
+
+    # --- bookkeeping --------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def init_b_dec(self, x: Tensor) -> None:
@@ -122,10 +167,6 @@ class SAE(nn.Module, ABC):
         self.b_enc[m].copy_(tensors["b_enc"])
         self.W_dec[m].copy_(tensors["W_dec"])
         self.b_dec[m].copy_(tensors["b_dec"])
-
-    def saelens_cfg(self, m: int) -> dict[str, Any]:
-        """Gives the architecture-specific fields of cfg.json for model m (beyond d_in, d_sae, ...)."""
-        return {}
 
 
 class BufferCache:

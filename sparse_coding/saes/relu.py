@@ -7,12 +7,15 @@ loss = MSE + l1_alpha · L1(codes).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+
+if TYPE_CHECKING:
+    from sparse_coding.training.config import SweepConfig
 
 L1_NORMS = ("dict_size", "none")
 
@@ -20,7 +23,8 @@ L1_NORMS = ("dict_size", "none")
 class ReluSAE(SAE):
     architecture = "relu"
     saelens_architecture = "standard"
-    sweep_knob = "l1_alpha"
+    knob = "l1_alpha"
+    options = ("tied", "l1_norm", "decoder_bias")
 
     def __init__(
         self,
@@ -35,8 +39,7 @@ class ReluSAE(SAE):
         suits every dictionary size); 'none' uses the plain sum over features."""
         if l1_norm not in L1_NORMS:
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
-        super().__init__(d_in, d_sae, len(hparams), decoder_bias)
-        self._hparams = [dict(h) for h in hparams]
+        super().__init__(d_in, d_sae, hparams, decoder_bias)
         self.tied, self.l1_norm = tied, l1_norm
         self.register_buffer("l1_alpha", torch.tensor([float(h["l1_alpha"]) for h in hparams]))
         with torch.no_grad():  # as the original: orthogonal decoder, nn.Linear's default encoder init
@@ -50,14 +53,18 @@ class ReluSAE(SAE):
             del self.W_enc  # the encoder is the decoder's transpose; nothing separate to learn
         self._cache = BufferCache()
 
+    @classmethod
+    def knob_values(cls, cfg: SweepConfig) -> list[float]:
+        return cfg.l1_grid()
+
+    def tag(self, m: int) -> str:
+        return f"l1_{self._hparams[m]['l1_alpha']:.4g}"
+
     def encoder(self) -> Tensor:
         return self.W_dec if self.tied else self.W_enc
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x))
-
-    def hparams(self, m: int) -> dict[str, Any]:
-        return dict(self._hparams[m])
 
     def l1_scale(self) -> float:
         return 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
@@ -68,13 +75,11 @@ class ReluSAE(SAE):
         )
         mse = (x_hat - x).pow(2).mean(dim=(1, 2))
         loss = mse + self.l1_alpha * self.l1_scale() * l1
-        if stats:  # two extra reads of the codes; the trainer asks only when it logs
-            with torch.no_grad():
-                l0 = torch.count_nonzero(codes, dim=-1).float().mean(-1)
-                fired = codes.amax(dim=1) > 0
-        else:
-            l0 = fired = None
-        return TrainOutput(loss=loss, mse=mse.detach(), l0=l0, fired=fired, extra={"l1": l1.detach()})
+        if not stats:  # L0 is an extra read of the codes; the trainer asks only when it logs
+            return TrainOutput(loss)
+        with torch.no_grad():
+            l0 = torch.count_nonzero(codes, dim=-1).float().mean(-1)
+        return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "l0": l0})
 
     def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:
         if not self.tied:

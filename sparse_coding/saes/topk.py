@@ -9,20 +9,25 @@ so a step costs one dense matmul (the encoder forward), the top-k selection and 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
 from sparse_coding.saes.kernels import fuses_bias, latent_sum, topk_last_dim
+
+if TYPE_CHECKING:
+    from sparse_coding.training.config import SweepConfig
 
 
 class TopKSAE(SAE):
     architecture = "topk"
     saelens_architecture = "topk"
-    sweep_knob = "k"
+    knob = "k"
+    options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias")
 
     def __init__(
         self,
@@ -36,8 +41,7 @@ class TopKSAE(SAE):
         ks = [int(h["k"]) for h in hparams]
         if not all(0 < k <= d_sae for k in ks):
             raise ValueError(f"every k must be in 1..d_sae={d_sae}, got {ks}")
-        super().__init__(d_in, d_sae, len(hparams), decoder_bias)
-        self._hparams = [dict(h) for h in hparams]
+        super().__init__(d_in, d_sae, hparams, decoder_bias)
         self.ks, self.k_max = ks, max(ks)
         self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
         self.register_buffer("k", torch.tensor(ks))
@@ -49,11 +53,24 @@ class TopKSAE(SAE):
             self.W_enc.copy_(self.W_dec)
         self._cache = BufferCache()
 
-    def hparams(self, m: int) -> dict[str, Any]:
-        return dict(self._hparams[m])
+    @classmethod
+    def knob_values(cls, cfg: SweepConfig) -> list[int]:
+        return [int(k) for k in cfg.k_values]
+
+    @classmethod
+    def check_sweep(cls, cfg: SweepConfig, dict_sizes: list[int]) -> None:
+        if max(cfg.k_values) > min(dict_sizes):
+            raise ConfigError(f"k={max(cfg.k_values)} is larger than the smallest dictionary ({min(dict_sizes)})")
+
+    def tag(self, m: int) -> str:
+        return f"k{self.ks[m]}"
 
     def saelens_cfg(self, m: int) -> dict[str, Any]:
         return {"k": self.ks[m], "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def hparams_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {"k": int(cfg["k"])}
 
     def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """pre (+ bias [M, d_sae], if given): [M, B, d_sae] → (values, indices) [M, B, k_max]; values ReLU'd,
@@ -84,23 +101,29 @@ class TopKSAE(SAE):
         total_variance = (x - x.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
         sq_err = err.pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
-        loss = fvu
-        extra: dict[str, Tensor] = {"fvu": fvu.detach()}
+        loss, auxk = fvu, None
         if k_aux > 0:
             e_hat = sparse_decode(aux_vals, aux_idx, W_dec)
             auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
             scale = (n_dead.float() / (self.d_in // 2)).clamp(max=1.0)
             loss = loss + self.auxk_alpha * scale * auxk
-            extra["auxk"] = auxk.detach()
         with torch.no_grad():
             # Counts, not a boolean scatter: a latent chosen by several tokens, positive for some and zero for
             # others, must come out as fired whichever write lands last.
             fires = torch.zeros(M, self.d_sae, device=x.device, dtype=torch.float32)
             fired = fires.scatter_add_(-1, idx.reshape(M, -1), (vals > 0).reshape(M, -1).float()) > 0
             self.tokens_since_fired.add_(B).masked_fill_(fired, 0)
-            l0 = (vals > 0).sum(-1).float().mean(-1)
-        mse = sq_err.detach() / err[0].numel()
-        return TrainOutput(loss=loss, mse=mse, l0=l0, fired=fired, extra=extra)
+        if not stats:
+            return TrainOutput(loss)
+        parts = {
+            "mse": sq_err.detach() / err[0].numel(),
+            "fvu": fvu.detach(),
+            "l0": (vals > 0).sum(-1).float().mean(-1),
+            "dead": n_dead.float(),  # latents AuxK counts as dead at this step
+        }
+        if auxk is not None:
+            parts["auxk"] = auxk.detach()
+        return TrainOutput(loss, parts)
 
 
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:

@@ -1,0 +1,70 @@
+"""PNG plots of sweep results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def heatmap(
+    values: Sequence[Sequence[float | None]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    path: str | Path,
+    row_name: str,
+    col_name: str = "dict_ratio",
+    fmt: str = "{:.2f}",
+) -> Path:
+    """Writes a grid (rows × columns) as an annotated heatmap; None cells are left blank."""
+    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(col_labels), 1.0 + 0.45 * len(row_labels)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    ax.set_xlabel(col_name)
+    ax.set_ylabel(row_name)
+    ax.set_title(title)
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(
+                j,
+                i,
+                fmt.format(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v < middle else "black",
+            )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def density_histograms(densities: dict[str, Any], title: str, path: str | Path) -> Path:
+    """Writes log10 feature-density histograms (one line per SAE); dead features are counted at the left edge."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-8, 0, 41)
+    for label, dens in densities.items():
+        d = np.asarray(dens, dtype=float)
+        ax.hist(np.log10(np.clip(d, 1e-8, None)), bins=bins, histtype="step", label=label)
+    ax.set_xlabel("log10 feature density (fraction of tokens it fires on; dead at -8)")
+    ax.set_ylabel("features")
+    ax.set_title(title)
+    if len(densities) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

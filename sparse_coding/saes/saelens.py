@@ -1,0 +1,65 @@
+"""SAEs on disk in the SAELens layout: a folder with cfg.json + sae_weights.safetensors (+ sparsity.safetensors),
+which SAELens' `SAE.load_from_disk` reads. What is architecture-specific comes from the SAE class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparse_coding.errors import SAEFolderError
+from sparse_coding.files import load_tensors, read_json, save_tensors, write_json
+from sparse_coding.saes import SAE, arch_for_saelens_name, sae_class
+
+CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+
+
+def save_sae(
+    folder: str | Path,
+    sae: SAE,
+    m: int,
+    metadata: dict[str, Any],
+    feature_density: Tensor | None = None,
+) -> Path:
+    """Writes model m of a stack as a SAELens folder: cfg.json + sae_weights.safetensors (+ sparsity)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = sae.export(m)
+    cfg = {
+        "architecture": sae.saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(weights["W_enc"].dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.decoder_bias,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **sae.saelens_cfg(m),
+        "metadata": {"arch": sae.architecture, **sae.hparams(m), **sae.stack_options(), **metadata},
+    }
+    save_tensors(folder / WEIGHTS_FILE, weights)
+    if feature_density is not None:  # SAELens stores log10 of each feature's firing frequency
+        save_tensors(folder / SPARSITY_FILE, {"sparsity": torch.log10(feature_density.float() + 1e-10)})
+    write_json(folder / CFG_FILE, cfg)  # last: a folder with cfg.json is complete
+    return folder
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """Reads a SAELens folder written by `save_sae` (or a compatible one) as a one-model stack; gives it and
+    its cfg.json."""
+    folder = Path(folder)
+    if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise SAEFolderError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
+    cfg = read_json(folder / CFG_FILE)
+    try:
+        meta = cfg.get("metadata") or {}
+        cls = sae_class(meta.get("arch") or arch_for_saelens_name(cfg["architecture"]))
+        options = {k: meta[k] for k in cls.options if k in meta}
+        options["decoder_bias"] = cfg.get("apply_b_dec_to_input", True)
+        sae = cls(cfg["d_in"], cfg["d_sae"], [cls.hparams_from_saelens(cfg)], **options)
+        sae.load_exported(0, load_tensors(folder / WEIGHTS_FILE))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise SAEFolderError(f"cannot load the SAE in {folder}: {type(e).__name__}: {e}") from None
+    return sae.to(device), cfg

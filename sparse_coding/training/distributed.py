@@ -1,0 +1,131 @@
+"""Sweeps over several processes (`torchrun --nproc_per_node=N run.py ...`, one machine or several).
+
+Two ways to split the work, both reading the same activation chunks in the same order on every rank:
+- "models": each rank trains its share of the sweep's SAEs (grid points m ≡ rank mod N, every dictionary size of
+  a grid point on the same rank so MMCS with the larger dictionary stays local). Every rank first builds the whole
+  sweep from the same seed, then keeps its slice, so each SAE starts, and trains, exactly as in one process.
+- "data": every rank holds every SAE and trains it on its 1/N slice of each batch; gradients are averaged across
+  ranks (DDP-style), which equals one process on the whole batch for mean-over-batch losses (relu's MSE + L1).
+  For TopK it is an approximation: FVU is normalised by each slice's own variance, and dead latents (AuxK) are
+  judged on each rank's own tokens.
+gloo on CPU, nccl on CUDA. Metadata crosses ranks as JSON in uint8 tensors (nothing is pickled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sparse_coding.saes import SAE
+
+PARALLEL_MODES = ("models", "data")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Joins the torchrun process group when launched by torchrun; gives (info, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return info, device
+
+
+def barrier(info: DistInfo) -> None:
+    if info.active:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(t: Tensor, info: DistInfo) -> Tensor:
+    """Sums t in place across ranks (nothing to do in one process); gives it."""
+    if info.active:
+        dist.all_reduce(t)
+    return t
+
+
+def gather_json(obj: Any, info: DistInfo, device: torch.device) -> list[Any]:
+    """Gives every rank's `obj` (JSON-serialisable) on every rank, in rank order."""
+    if not info.active:
+        return [obj]
+    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(info.world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], device=device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(info.world)]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes, strict=True)]
+
+
+def my_models(n_models: int, info: DistInfo) -> list[int]:
+    """The grid points this rank trains in 'models' mode."""
+    return list(range(info.rank, n_models, info.world))
+
+
+def slice_stack(stack: SAE, models: list[int]) -> SAE:
+    """Gives a stack holding only `models` of `stack`, with their parameters, buffers and hyperparameters."""
+    part = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in models], **stack.stack_options())
+    index = torch.tensor(models, device=stack.W_dec.device)
+    part.load_state_dict({k: v.index_select(0, index) for k, v in stack.state_dict().items()})
+    return part.to(stack.W_dec.device)
+
+
+def average_tensors(tensors: list[Tensor], info: DistInfo) -> None:
+    """All-reduces and averages tensors in place across ranks ('data' mode): one flat buffer, one collective."""
+    if not info.active or not tensors:
+        return
+    flat = all_sum(torch.cat([t.reshape(-1) for t in tensors]), info)
+    flat /= info.world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class RankSlice:
+    """A batch source whose batches are this rank's 1/N slice of the global batch ('data' mode)."""
+
+    def __init__(self, source: Any, info: DistInfo):
+        self.source, self.info = source, info
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        x = self.source.next_batch(batch_size)
+        per = batch_size // self.info.world
+        return x[self.info.rank * per : (self.info.rank + 1) * per]
+
+    def get_state(self) -> dict[str, Tensor]:
+        return self.source.get_state()
+
+    def set_state(self, state: dict[str, Tensor]) -> None:
+        self.source.set_state(state)

@@ -1,0 +1,74 @@
+"""run.py under torchrun (2 processes, gloo on CPU) gives the same SAEs and results as one process."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_fixtures import smoke_run_args
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return [*smoke_run_args(tmp_path_factory.mktemp("dist")), "--n_steps", "30"]
+
+
+def _run(args, out, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "run.py"), *args, "--out", str(out)]
+    # torchrun gives each process one thread; the single process gets the same, so both run the same kernels
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def _same_numbers(a, b, rel=1e-4):
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k, va in ra.items():
+            vb = rb[k]
+            if isinstance(va, float) and isinstance(vb, float):
+                assert math.isclose(va, vb, rel_tol=rel, abs_tol=1e-6), (ra["name"], k, va, vb)
+            else:
+                assert va == vb, (ra["name"], k)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_two_processes_sharing_the_sweep_match_one(assets, tmp_path, arch):
+    one = _run([*assets, "--arch", arch], tmp_path / "one")
+    two = _run([*assets, "--arch", arch, "--parallel", "models"], tmp_path / "two", nproc=2)
+    _same_numbers(one["runs"], two["runs"])
+    for r in one["runs"]:
+        wa = load_file(tmp_path / "one" / "saes" / r["name"] / "sae_weights.safetensors")
+        wb = load_file(tmp_path / "two" / "saes" / r["name"] / "sae_weights.safetensors")
+        for k in wa:  # each SAE starts and trains as in one process (relu: bit for bit; topk: its sparse
+            # kernels sum in an order that depends on the stack's shape, so to float precision)
+            assert torch.equal(wa[k], wb[k]) if arch == "relu" else torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert not (tmp_path / "two" / "checkpoint").exists()
+
+
+def test_more_processes_than_grid_points_is_one_clear_error_not_a_hang(assets, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
+           *assets, "--l1_exp_low", "0", "--out", str(tmp_path / "r")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "use --parallel data" in r.stderr
+
+
+def test_data_parallel_matches_one_process_on_the_whole_batch(assets, tmp_path):
+    """Averaged half-batch gradients equal whole-batch ones up to summation order."""
+    one = _run(assets, tmp_path / "one")
+    two = _run([*assets, "--parallel", "data"], tmp_path / "two", nproc=2)
+    _same_numbers(one["runs"], two["runs"], rel=1e-3)
+    for r in one["runs"]:
+        wa = load_file(tmp_path / "one" / "saes" / r["name"] / "sae_weights.safetensors")
+        wb = load_file(tmp_path / "two" / "saes" / r["name"] / "sae_weights.safetensors")
+        for k in wa:  # summation order differs; a code crossing zero in one run amplifies that a little
+            assert torch.allclose(wa[k], wb[k], atol=1e-3), (r["name"], k)
