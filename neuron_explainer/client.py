@@ -30,6 +30,7 @@ from sparse_coding.errors import UserError
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
 
 class APIError(UserError):
@@ -39,8 +40,9 @@ class APIError(UserError):
 @dataclass
 class ClientConfig:
     api_base: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    require_key: bool | None = None  # None: a key is required only for non-loopback hosts
+    # "" (default): OPENAI_API_KEY, sent only to non-loopback hosts. A name: that variable's key, sent to any host
+    # (a local server that wants a key says so explicitly).
+    api_key_env: str = ""
     max_concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 8
@@ -81,16 +83,19 @@ def is_loopback(api_base: str) -> bool:
 
 
 def resolve_api_key(cfg: ClientConfig) -> str | None:
-    """The key from cfg.api_key_env; a clear UserError when a remote endpoint needs one and it is not set."""
-    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    required = (not is_loopback(cfg.api_base)) if cfg.require_key is None else cfg.require_key
-    if required and not key:
+    """Gives the key to send: the named variable's (cfg.api_key_env) to any host; else OPENAI_API_KEY, and only to a
+    non-loopback host, so a key meant for a remote service never reaches a local server. A clear UserError when
+    the key needed is not set."""
+    if not cfg.api_key_env and is_loopback(cfg.api_base):
+        return None
+    env = cfg.api_key_env or DEFAULT_KEY_ENV
+    key = os.environ.get(env)
+    if not key:
         host = urlsplit(cfg.api_base).hostname or cfg.api_base
         raise UserError(
-            f"{cfg.api_key_env or 'an API key variable'} is not set: the endpoint {host} needs a key "
-            f"(export {cfg.api_key_env or 'OPENAI_API_KEY'}=..., or use the offline explainer)"
+            f"{env} is not set: the endpoint {host} needs a key (export {env}=..., or use the offline explainer)"
         )
-    return key or None
+    return key
 
 
 def request_key(api_base: str, body: dict[str, Any]) -> str:

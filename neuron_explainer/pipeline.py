@@ -45,7 +45,7 @@ class InterpretConfig:
     api_base: str | None = None  # None: the offline explainer and simulator; else an OpenAI-compatible /v1 URL
     explainer_model: str = "gpt-4o-mini"
     simulator_model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = ""  # "": OPENAI_API_KEY, sent only to non-loopback hosts; a name: that key, to any host
     simulator_mode: str = "auto"  # auto | logprobs | json
     scorer: str = "correlation_all"  # the score summary.json averages as mean_score
     detection: bool = True

@@ -40,6 +40,11 @@ class InterpretRunConfig(Config):
     max_rows: int = option(512, "context rows of stored activations used (held-out chunks first)", gt=0)
     window: int = option(32, "tokens per example shown to the explainer", gt=0)
     api_base: str = option("", "an OpenAI-compatible /v1 endpoint; empty: the offline explainer and simulator")
+    api_key_env: str = option(
+        "",
+        "environment variable whose API key is sent; empty: OPENAI_API_KEY, sent only to non-loopback hosts (name "
+        "one for a local server that needs a key)",
+    )
     explainer_model: str = option("gpt-4o-mini", "the model that writes explanations (with --api_base)")
     simulator_model: str = option("gpt-4o-mini", "the model that predicts activations from them (with --api_base)")
     max_concurrency: int = option(8, "requests in flight at once", gt=0)
@@ -113,6 +118,7 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
     api = InterpretConfig(
         api_base=cfg.api_base or None,
+        api_key_env=cfg.api_key_env,
         explainer_model=cfg.explainer_model,
         simulator_model=cfg.simulator_model,
         max_concurrency=cfg.max_concurrency,

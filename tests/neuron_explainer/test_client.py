@@ -172,10 +172,10 @@ def _cfg(url: str, **kw) -> InterpretConfig:
 
 @pytest.mark.parametrize("logprobs", [True, False], ids=["logprobs", "json"])
 def test_faults_retried_every_feature_done_and_rerun_sends_nothing(tmp_path, server, monkeypatch, logprobs):
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # a loopback server needs none, but one that is set is sent
+    monkeypatch.setenv("LOCAL_LLM_KEY", SECRET)  # named explicitly, so sent even to a loopback server
     srv = server(logprobs=logprobs)
     records = _records()
-    stats = interpret_features(records, tmp_path, "sae", _cfg(srv.url))
+    stats = interpret_features(records, tmp_path, "sae", _cfg(srv.url, api_key_env="LOCAL_LLM_KEY"))
     assert stats["done"] == 2 and stats["client"]["retries"] > 0
     assert stats["client"]["prompt_tokens"] == 100 * stats["client"]["responses"]
     assert {0, 1, 2} <= {int(h, 16) % 4 for h in srv.attempts}  # 429, 500 and timeout all happened
@@ -190,7 +190,7 @@ def test_faults_retried_every_feature_done_and_rerun_sends_nothing(tmp_path, ser
     for p in (tmp_path / "features").glob("*.json"):
         p.unlink()
     before = srv.requests
-    again = interpret_features(records, tmp_path, "sae", _cfg(srv.url))
+    again = interpret_features(records, tmp_path, "sae", _cfg(srv.url, api_key_env="LOCAL_LLM_KEY"))
     assert srv.requests == before and again["client"]["http_requests"] == 0
     assert again["client"]["cache_hits"] > 0
     assert {r["feature_index"]: r["scores"] for r in load_feature_results(tmp_path)} == {
@@ -212,6 +212,16 @@ def test_remote_endpoint_needs_key_loopback_does_not(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     client = ChatClient(ClientConfig(api_base="https://api.openai.com/v1"))
     assert SECRET not in repr(client) and SECRET not in repr(client.__dict__.get("cfg"))
+    with pytest.raises(UserError, match="LOCAL_LLM_KEY is not set"):  # named but missing: said, not skipped
+        resolve_api_key(ClientConfig(api_base="http://127.0.0.1:8000/v1", api_key_env="LOCAL_LLM_KEY"))
+
+
+def test_the_openai_key_never_reaches_a_loopback_server(tmp_path, server, monkeypatch):
+    """OPENAI_API_KEY is set, but a local server was not named a key variable: it gets no Authorization header."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    srv = server()
+    interpret_features(_records()[:1], tmp_path, "sae", _cfg(srv.url))
+    assert srv.requests > 0 and srv.auth == {None}
 
 
 def test_client_gives_up_clearly(tmp_path, server):
