@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sparse_coding.errors import CheckpointError, ConfigError, UserError
 
 # Environment faults a user fixes (disk full, no permission, read-only disk): one line, not a traceback.
-_ENV_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+_ENV_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 RUN_MARKER = ".sparse_coding_run"  # in every run folder this tool made: only those are ever written into again
 
 
@@ -28,17 +29,23 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except OSError as e:
         if e.errno not in _ENV_ERRNOS:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror or e))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr (a multi-line message from a library is folded), exit code 2. Progress bars the error
+    interrupted are closed first, so the line starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,16 +67,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@contextmanager
-def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> Iterator[Path]:
-    """Gives the run folder `out` (default outputs/<timestamp>_<name>/) for a run of `kind`.
+def claim_folder(path: Path, kind: str) -> bool:
+    """Makes `path` a folder of `kind` runs; gives whether it was created here.
 
     A run writes only into a folder it may own: a new or empty one (which it then marks as its own), or one an
     earlier run of the same kind marked (to resume it, or to be refused there if it is finished). Anything else
-    is refused with one line and left untouched. A folder made here and left holding nothing but its mark when
-    the run fails is removed again.
+    is refused with one line and left untouched.
     """
-    path = Path(out) if out else Path(root) / f"{datetime.now():%Y%m%d_%H%M%S}_{name}"
     created = not path.exists()
     marker = path / RUN_MARKER
     if path.exists() and not path.is_dir():
@@ -85,6 +89,15 @@ def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> 
         marker.write_text(json.dumps({"kind": kind}) + "\n")
     except OSError as e:
         raise UserError(f"cannot write to output folder {str(path)!r}: {e.strerror or e}") from None
+    return created
+
+
+@contextmanager
+def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> Iterator[Path]:
+    """Gives the claimed run folder `out` (default outputs/<timestamp>_<name>/) for a run of `kind`; a folder made
+    here and left holding nothing but its mark when the run fails is removed again."""
+    path = Path(out) if out else Path(root) / f"{datetime.now():%Y%m%d_%H%M%S}_{name}"
+    created = claim_folder(path, kind)
     try:
         yield path
     except BaseException:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,17 @@ def read_json(path: str | Path) -> Any:
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
     """safetensors, written whole or not at all."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(cpu, str(p), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(cpu, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # its I/O errors (a full disk) become the OSError they are
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+    return atomic_write(path, write)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ A store made with the same model, hook, data and shape is reused; a half-made on
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from sparse_coding.activations.store import (
 )
 from sparse_coding.config import Config, option
 from sparse_coding.data.text import chunk_and_tokenize, load_texts
-from sparse_coding.errors import ConfigError, ModelError
+from sparse_coding.errors import ConfigError, ModelError, StoreError
 from sparse_coding.files import read_json
 from sparse_coding.models.language_model import LAYER_LOCS, LanguageModel
 
@@ -91,17 +92,38 @@ def activations_folder(cfg: CacheConfig, lm: LanguageModel, hook: str) -> Path:
     return Path("data/activations") / "__".join([_slug(lm.name), _slug(hook), _slug(cfg.dataset_name), shape])
 
 
+def hook_width(lm: LanguageModel, hook: str) -> int:
+    """Gives d, the width of the activations at the hook (one forward pass on two tokens)."""
+    return lm.activations(torch.zeros(1, 2, dtype=torch.long), hook).shape[-1]
+
+
+def check_disk(cfg: CacheConfig, folder: Path, d: int, done: int) -> None:
+    """Raises StoreError when the chunks still to be written would not fit on the store's disk."""
+    per_chunk = cfg.chunk_size_tokens * (d * DTYPES[cfg.activation_dtype].itemsize + 8)  # activations + tokens
+    need = (cfg.n_chunks - done) * per_chunk
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise StoreError(
+            f"the activation store needs {need / 2**30:.1f} GiB more in {folder} but its disk has {free / 2**30:.1f} "
+            "GiB free; use fewer --n_chunks, a smaller --chunk_size_tokens or another --activations_dir"
+        )
+
+
 def prepare_activations(cfg: CacheConfig, lm: LanguageModel, hook: str, progress: bool) -> ActivationDataset:
     """Gives the stored activations for this model, hook and data, computing (or finishing) them if needed."""
-    d = lm.activations(torch.zeros(1, 2, dtype=torch.long), hook).shape[-1]
+    d = hook_width(lm, hook)
     identity = activation_identity(cfg, lm, hook, d)
     folder = activations_folder(cfg, lm, hook)
+    done = 0
     if (folder / MANIFEST).is_file():
         stored = read_json(folder / MANIFEST)
         check_compatible(stored, identity, folder)
-        if first_missing_chunk(folder, cfg.n_chunks) == cfg.n_chunks:
+        done = first_missing_chunk(folder, cfg.n_chunks)
+        if done == cfg.n_chunks:
             print(f"reusing stored activations in {folder}")
             return ActivationDataset(folder, stored)
+    check_disk(cfg, folder, d, done)
     texts = load_texts(cfg.dataset_name, cfg.text_field, cfg.dataset_split, cfg.max_docs)
     rows = chunk_and_tokenize(
         texts,

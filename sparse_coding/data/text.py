@@ -46,9 +46,11 @@ def load_texts(name: str, text_field: str = "text", split: str = "train", max_do
                 continue
             try:
                 ds = datasets.load_dataset(LOCAL_SUFFIXES[f.suffix], data_files=str(f), split="train")
-            except Exception as e:  # malformed JSON/parquet surfaces as many exception types
-                raise DatasetError(f"cannot read {f}: {type(e).__name__}: {e}") from e
-            texts.extend(_column(ds, text_field, str(f)))
+                texts.extend(_column(ds, text_field, str(f)))  # text is decoded here: bad UTF-8 surfaces now
+            except DatasetError:
+                raise
+            except Exception as e:  # malformed JSON/parquet or bad UTF-8 surface as many exception types
+                raise DatasetError(f"cannot read {f}: {type(e).__name__}: {e}") from None
     elif name.startswith((".", "/", "~")) or name.endswith(tuple(LOCAL_SUFFIXES)):
         raise DatasetError(f"dataset {name!r} not found")
     else:

@@ -78,7 +78,7 @@ class TrainConfig(Config):
     wandb_log: bool = option(False, "log to wandb (WANDB_MODE=offline works without an account)")
     wandb_project: str = option("sparse_coding_tiny", "wandb project name")
     wandb_run_name: str = option("", "wandb run name (empty: wandb picks one)")
-    seed: int = option(1337, "random seed of the initial weights, batches and dropout")
+    seed: int = option(1337, "random seed of the initial weights, batches and dropout", ge=0)
     device: str = option("auto", "auto, cpu, cuda; under torchrun each process takes cuda:LOCAL_RANK")
     dtype: str = option(
         "auto",

@@ -20,6 +20,7 @@ from neuron_explainer import (
     write_summary,
 )
 from neuron_explainer.baselines import METHODS as BASELINES
+from neuron_explainer.client import ClientConfig, resolve_api_key
 from neuron_explainer.pipeline import SCORERS
 from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.config import Config, option
@@ -27,6 +28,7 @@ from sparse_coding.errors import UserError
 from sparse_coding.files import read_json, write_json
 from sparse_coding.models.language_model import load_tokenizer
 from sparse_coding.saes.saelens import load_sae
+from utils import claim_folder
 
 
 @dataclass
@@ -49,7 +51,7 @@ class InterpretRunConfig(Config):
     simulator_model: str = option("gpt-4o-mini", "the model that predicts activations from them (with --api_base)")
     max_concurrency: int = option(8, "requests in flight at once", gt=0)
     scorer: str = option("correlation_all", "the score summary.json ranks methods by", choices=SCORERS)
-    seed: int = option(0, "random seed of the feature sample and the examples")
+    seed: int = option(0, "random seed of the feature sample and the examples", ge=0)
 
 
 def newest_run(root: Path = Path("outputs")) -> Path:
@@ -85,6 +87,8 @@ def load_rows(data: ActivationDataset, max_rows: int) -> tuple[torch.Tensor, tor
 
 
 def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
+    if cfg.api_base:  # a missing key is said now, before any work, not after the records are built
+        resolve_api_key(ClientConfig(api_base=cfg.api_base, api_key_env=cfg.api_key_env))
     sae_dir = Path(cfg.sae_dir) if cfg.sae_dir else choose_sae(Path(cfg.run_dir) if cfg.run_dir else newest_run())
     sae, sae_cfg = load_sae(sae_dir)
     meta = sae_cfg.get("metadata", {})
@@ -96,7 +100,7 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     if dense.shape[-1] != sae.d_in:
         raise UserError(f"the stored activations have d={dense.shape[-1]}, the SAE expects d_in={sae.d_in}")
     out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "interpret")
     # Finished features are reused on a rerun, so they must come from the same settings.
     settings = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "max_concurrency")},

@@ -22,6 +22,7 @@ from sparse_coding.activations.caching import (
     DEFAULT_MODEL,
     CacheConfig,
     activations_folder,
+    hook_width,
     prepare_activations,
 )
 from sparse_coding.activations.store import ActivationDataset
@@ -49,6 +50,7 @@ from sparse_coding.training.distributed import (
     slice_stack,
 )
 from sparse_coding.training.log import LOG_FILE, TrainLog
+from sparse_coding.training.memory import check_sweep_fits
 from sparse_coding.training.trainer import Trainer, build_stacks, train
 from utils import resolve_device
 
@@ -152,8 +154,11 @@ def run_lm(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, An
     run = Run(cfg, out_dir, device, info, progress and info.is_main)
     try:
         lm, hook = load_model(run)
+        d = hook_width(lm, hook)
+        cfg.check_sizes(d)
+        if info.is_main:
+            print(f"sweep on {hook}: {check_sweep_fits(cfg, d, device)}")
         data = ensure_activations(run, lm, hook)
-        cfg.check_sizes(data.d)
         fingerprint = claim_checkpoint(run, data.d)
         stacks = make_stacks(run, data.d)
         trainer, source = make_trainer(run, stacks, data)

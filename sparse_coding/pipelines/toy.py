@@ -24,6 +24,7 @@ from sparse_coding.saes import SAE
 from sparse_coding.training.checkpoint import check_resumable, config_fingerprint
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.log import LOG_FILE, TrainLog
+from sparse_coding.training.memory import check_sweep_fits
 from sparse_coding.training.trainer import Trainer, build_stacks, train
 from utils import resolve_device
 
@@ -111,6 +112,7 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
     if (out_dir / "results.json").exists():
         raise CheckpointError(f"{out_dir} already holds a finished run (results.json); choose another --out")
     device = resolve_device(cfg.device)
+    print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device)}")
     gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
     fingerprint = config_fingerprint(asdict(cfg))
     check_resumable(out_dir / "checkpoint", fingerprint)

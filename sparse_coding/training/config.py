@@ -37,7 +37,7 @@ class SweepConfig(Config):
     n_steps: int = option(3000, "training steps", gt=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: none)", ge=0)
     log_every: int = option(100, "steps between lines of the training log (train_log.jsonl, wandb)", gt=0)
-    seed: int = option(0, "random seed of the SAEs' initialisation and of the data order")
+    seed: int = option(0, "random seed of the SAEs' initialisation and of the data order", ge=0)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
 
     def check(self) -> None:

@@ -1,0 +1,45 @@
+"""What a sweep will need, estimated before any work starts, so an absurd size is refused at once with a figure
+instead of a traceback after minutes of allocation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sparse_coding.errors import ConfigError
+from sparse_coding.training.config import SweepConfig
+
+FLOAT_BYTES = 4
+GiB = 2**30
+
+
+def sweep_memory_bytes(cfg: SweepConfig, d_in: int) -> int:
+    """Gives an upper estimate of the memory training takes: every parameter four times (value, gradient, Adam's
+    two moments) and, per stack, three [n_models, batch, d_sae] tensors (the codes or pre-activations of a step,
+    their gradient, and one more for evaluation), all in fp32."""
+    sizes, n_models = cfg.dict_sizes(d_in), len(cfg.hparam_grid())
+    params = sum(n_models * (2 * f * d_in + f + d_in) for f in sizes)
+    scratch = sum(3 * n_models * cfg.batch_size * f for f in sizes)
+    return FLOAT_BYTES * (4 * params + scratch)
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Gives the memory of the device the sweep trains on: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_sweep_fits(cfg: SweepConfig, d_in: int, device: torch.device) -> str:
+    """Raises ConfigError when the sweep's estimated memory exceeds the device's; gives a one-line summary for the
+    run's header."""
+    need, have = sweep_memory_bytes(cfg, d_in), device_memory_bytes(device)
+    sizes = cfg.dict_sizes(d_in)
+    what = f"{len(cfg.hparam_grid()) * len(sizes)} SAEs of d_in {d_in}, d_sae {min(sizes)}..{max(sizes)}"
+    if need > have:
+        raise ConfigError(
+            f"the sweep needs about {need / GiB:.1f} GiB ({what}, batch {cfg.batch_size}) but {device} has "
+            f"{have / GiB:.1f} GiB; use fewer or smaller dictionaries (dict_ratio_exp_high) or a smaller batch_size"
+        )
+    return f"{what}: about {need / GiB:.2f} GiB for weights, Adam and step buffers ({have / GiB:.0f} GiB on {device})"
