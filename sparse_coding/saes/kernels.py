@@ -84,17 +84,39 @@ def topk_last_dim(x: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor
     return x.topk(k, dim=-1, sorted=True)
 
 
-def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
-    """sel (int64), w: [M, B, K], X: [M, B, d] → (out [M, d_sae, d], w_sum [M, d_sae]) with
-    out[m, j] = Σ over (b, s) where sel[m, b, s] = j of w[m, b, s] · X[m, b], and w_sum the same sum of w.
-    Each latent sums its tokens in token order (a stable sort): on CPU the result is deterministic."""
-    M, B, K = sel.shape
-    rows = (sel + (torch.arange(M, device=sel.device) * d_sae)[:, None, None]).reshape(-1)
-    order = torch.argsort(rows, stable=True)
+def batch_topk(x: Tensor, counts: list[int], bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x: [M, R, F] (+ bias [M, F], per column) → (values, flat indices) [M, max(counts)]: model m's counts[m]
+    largest entries of its whole [R, F] slab, in index order (flat index r·F + j), padded past counts[m] with
+    value 0 at index R·F − 1 (which keeps each row in index order). On CPU ties go to the lower index."""
+    M, R, F = x.shape
+    if fuses_bias(x) and not _needs_grad(bias) and x.dtype in (torch.float32, torch.float64):
+        return torch.ops.sparse_coding.batch_topk(x, counts, bias)
+    flat = (x if bias is None else x + bias[:, None, :]).reshape(M, R * F)
+    values = flat.new_zeros(M, max(counts))
+    indices = torch.full((M, max(counts)), R * F - 1, dtype=torch.long, device=x.device)
+    for m, n in enumerate(counts):  # one selection per model: their counts differ
+        v, i = flat[m].topk(n, sorted=False)
+        i, order = i.sort()
+        values[m, :n], indices[m, :n] = v[order], i
+    return values, indices
+
+
+def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """sel (int64), w: [M, N], X: [M, R, d], rows (int64) [M, N] → (out [M, d_sae, d], w_sum [M, d_sae]) with
+    out[m, j] = Σ over entries n where sel[m, n] = j of w[m, n] · X[m, rows[m, n]], and w_sum the same sum of w.
+    Without rows, sel and w are [M, R, K]: K entries for each row of X, in order. Each latent sums its entries
+    in entry order (a stable sort): on CPU the result is deterministic."""
+    M, R = X.shape[:2]
+    if rows is None:
+        K = sel.shape[-1]
+        rows = torch.arange(R, device=sel.device).repeat_interleave(K).expand(M, -1)
+    latents = (sel.reshape(M, -1) + (torch.arange(M, device=sel.device) * d_sae)[:, None]).reshape(-1)
+    cols = (rows + (torch.arange(M, device=sel.device) * R)[:, None]).reshape(-1)
+    order = torch.argsort(latents, stable=True)
     crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
-    crow[1:] = torch.bincount(rows, minlength=M * d_sae).cumsum(0)
+    crow[1:] = torch.bincount(latents, minlength=M * d_sae).cumsum(0)
     flat = w.reshape(-1)
-    by_latent = torch.sparse_csr_tensor(crow, order // K, flat[order], (M * d_sae, M * B), check_invariants=False)
-    out = (by_latent @ X.reshape(M * B, -1)).view(M, d_sae, -1)
-    w_sum = torch.zeros(M * d_sae, dtype=w.dtype, device=w.device).index_add_(0, rows, flat).view(M, d_sae)
+    by_latent = torch.sparse_csr_tensor(crow, cols[order], flat[order], (M * d_sae, M * R), check_invariants=False)
+    out = (by_latent @ X.reshape(M * R, -1)).view(M, d_sae, -1)
+    w_sum = torch.zeros(M * d_sae, dtype=w.dtype, device=w.device).index_add_(0, latents, flat).view(M, d_sae)
     return out, w_sum

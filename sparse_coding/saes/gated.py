@@ -1,0 +1,153 @@
+"""`gated`: a gate decides which latents fire, a magnitude path how strongly (Rajamanoharan et al. 2024,
+"Improving dictionary learning with gated sparse autoencoders").
+
+Both paths share the encoder W (b_enc here is the gate's bias b_gate): π_gate = W(x − b_dec) + b_gate,
+π_mag = exp(r_mag) ⊙ W(x − b_dec) + b_mag, codes = H(π_gate) ⊙ ReLU(π_mag). The gate gets its gradient only from
+the two extra terms of the paper's loss: the L1 penalty on ReLU(π_gate), weighted by each latent's decoder norm
+(as the paper and SAELens do; it matters with a free decoder, `--decoder_init_norm` > 0), and the auxiliary
+reconstruction of x from ReLU(π_gate) through a frozen copy of the decoder (W_dec and b_dec get no gradient from
+it, as the paper specifies; SAELens does not freeze them). Both paths cost one matmul: π_mag is computed from the
+gate's W(x − b_dec).
+
+Loss = MSE + l1_alpha · L1 + aux MSE, with MSE the mean over batch and dimensions and L1 divided by d_sae under
+`--l1_norm dict_size`, exactly relu's conventions, so one l1 grid serves both. Init as SAELens: r_mag = b_mag =
+b_gate = 0, the encoder the decoder's transpose. Saved as SAELens' `gated` (b_gate, b_mag, r_mag; no b_enc).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.relu import L1_NORMS
+
+if TYPE_CHECKING:
+    from sparse_coding.training.config import SweepConfig
+
+
+class GatedSAE(SAE):
+    architecture = "gated"
+    saelens_architecture = "gated"
+    knob = "l1_alpha"
+    options = ("l1_norm", "decoder_init_norm", "decoder_bias")
+    # the dense step's matmuls: relu's five and the auxiliary path's decoder forward and its input gradient
+    roofline_matmuls = SAE.roofline_matmuls + ("decoder", "codes_grad")
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hparams: list[dict[str, Any]],
+        l1_norm: str = "dict_size",
+        decoder_init_norm: float = 0.0,
+        decoder_bias: bool = True,
+    ):
+        if l1_norm not in L1_NORMS:
+            raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        self.l1_norm = l1_norm
+        self.register_buffer("l1_alpha", torch.tensor([float(h["l1_alpha"]) for h in hparams]))
+        self.r_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
+        self.init_transposed()
+        self._cache = BufferCache()
+
+    @classmethod
+    def knob_values(cls, cfg: SweepConfig) -> list[float]:
+        return cfg.l1_grid()
+
+    def tag(self, m: int) -> str:
+        return f"l1_{self._hparams[m]['l1_alpha']:.4g}"
+
+    def encode(self, x: Tensor) -> Tensor:
+        shared = torch.bmm(self.center(x), self.W_enc.mT)
+        magnitude = torch.relu(shared * self.r_mag.exp()[:, None, :] + self.b_mag[:, None, :])
+        return magnitude * (shared + self.b_enc[:, None, :] > 0)
+
+    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+        weights = self.decoder_norms()
+        x_hat, x_aux, l1, l0 = _GatedStep.apply(
+            x, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.decoder(), self.b_dec, weights, self
+        )
+        mse = (x_hat - x).pow(2).mean(dim=(1, 2))
+        aux = (x_aux - x).pow(2).mean(dim=(1, 2))
+        scale = 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
+        loss = mse + self.l1_alpha * self.sparsity_scale * scale * l1 + aux
+        if not stats:
+            return TrainOutput(loss)
+        return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "aux": aux.detach(), "l0": l0})
+
+    # --- SAELens: b_enc is b_gate ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, m: int) -> dict[str, Tensor]:
+        w = super().export(m)
+        return {**w, "b_gate": w.pop("b_enc"), "b_mag": self.b_mag[m].clone(), "r_mag": self.r_mag[m].clone()}
+
+    @torch.no_grad()
+    def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:
+        super().load_exported(m, {**tensors, "b_enc": tensors["b_gate"]})
+        self.b_mag[m].copy_(tensors["b_mag"])
+        self.r_mag[m].copy_(tensors["r_mag"])
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.b_mag.div_(scale)
+
+
+class _GatedStep(torch.autograd.Function):
+    """The dense gated SAE forward and backward, [M, B, d_sae] tensors in reused buffers.
+
+    x: [B, d_in]; W_enc, W_dec: [M, d_sae, d_in]; r_mag, b_mag, weights (decoder norms): [M, d_sae]. Returns x_hat
+    and the gate-path reconstruction x_aux (frozen decoder), [M, B, d_in]; l1 [M] (mean over the batch of
+    Σ ReLU(π_gate)·weight) and l0 [M] (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, weights, sae: GatedSAE):  # type: ignore[override]
+        cache: BufferCache = sae._cache
+        M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        shared = torch.bmm(xc, W_enc.mT, out=cache.get("shared", (M, B, F_), x))  # W(x − b_dec)
+        gate = torch.add(shared, b_gate[:, None, :], out=cache.get("gate", (M, B, F_), x))
+        open_ = torch.gt(gate, 0, out=cache.get("open", (M, B, F_), x, torch.bool))
+        gate.relu_()  # ReLU(π_gate), the L1 and auxiliary paths' input
+        codes = cache.get("codes", (M, B, F_), x)
+        torch.addcmul(b_mag[:, None, :], shared, r_mag.exp()[:, None, :], out=codes).relu_().mul_(open_)
+        x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
+        x_aux = torch.baddbmm(b_dec.detach()[:, None, :], gate, W_dec.detach())
+        gate_sum = gate.sum(1)  # [M, d_sae]
+        l1 = (gate_sum * weights).sum(-1) / B
+        l0 = torch.count_nonzero(codes, dim=(1, 2)).to(x.dtype) / B
+        cache.generation += 1
+        ctx.generation, ctx.cache, ctx.center = cache.generation, cache, sae.decoder_bias
+        ctx.save_for_backward(xc, W_enc, r_mag, W_dec, weights, shared, gate, open_, codes, gate_sum)
+        ctx.mark_non_differentiable(l0)
+        return x_hat, x_aux, l1, l0
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_aux, g_l1, _g_l0):  # type: ignore[override]
+        if ctx.generation != ctx.cache.generation:
+            raise RuntimeError("a second training forward ran before this one's backward; its buffers are gone")
+        xc, W_enc, r_mag, W_dec, weights, shared, gate, open_, codes, gate_sum = ctx.saved_tensors
+        M, B, F_ = shared.shape
+        g_W_dec = torch.bmm(codes.mT, g_xhat)  # the auxiliary path's decoder is frozen
+        # magnitude path: ∂loss/∂π_mag = (g_xhat W_decᵀ) where the code is positive (gate open, π_mag > 0)
+        g_mag = torch.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g_mag", (M, B, F_), shared))
+        g_mag.mul_(codes > 0)
+        # gate path: ∂loss/∂π_gate = (g_aux W_decᵀ + l1's weight) where π_gate > 0; the gate buffer becomes it
+        g_gate = torch.baddbmm((g_l1 / B)[:, None, None] * weights[:, None, :], g_aux, W_dec.mT, out=codes)
+        g_gate.mul_(gate > 0)
+        exp_r = r_mag.exp()
+        g_r_mag = (g_mag * shared).sum(1) * exp_r
+        g_b_mag = g_mag.sum(1)
+        g_b_gate = g_gate.sum(1)
+        g_shared = g_gate.addcmul_(g_mag, exp_r[:, None, :])  # both paths read W(x − b_dec)
+        g_W_enc = torch.bmm(g_shared.mT, xc)
+        g_weights = (g_l1 / B)[:, None] * gate_sum
+        g_b_dec = g_xhat.sum(dim=1)
+        if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is Σ g_shared @ W_enc
+            g_b_dec = g_b_dec - torch.bmm(g_shared.sum(1)[:, None, :], W_enc)[:, 0, :]
+        return None, g_W_enc, g_b_gate, g_r_mag, g_b_mag, g_W_dec, g_b_dec, g_weights, None
