@@ -45,6 +45,7 @@ class SAE(nn.Module, ABC):
 
     architecture: ClassVar[str]  # our name: the registry key, --arch, "arch" in cfg.json's metadata
     saelens_architecture: ClassVar[str]  # the name SAELens' cfg.json uses
+    saelens_training_architecture: ClassVar[str | None] = None  # SAELens' metadata name, where not the above
     knob: ClassVar[str]  # the per-SAE sparsity setting a sweep varies ("l1_alpha", "k", ...)
     options: ClassVar[tuple[str, ...]] = ("decoder_bias",)  # sweep-config fields every SAE of a stack shares
     # The matmuls of the architecture's dense training step, [B, d_in]×[d_in, d_sae]-sized each (bench/sae_step.py

@@ -30,6 +30,7 @@ THRESHOLD_LR = 0.01  # SAELens' topk_threshold_lr
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"  # SAELens' inference form of a BatchTopK SAE
+    saelens_training_architecture = "batchtopk"
 
     def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any):
         super().__init__(d_in, d_sae, hparams, **options)
@@ -87,3 +88,8 @@ class BatchTopKSAE(TopKSAE):
     def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:
         super().load_exported(m, tensors)
         self.threshold[m] = tensors["threshold"].double().mean()
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold.div_(scale)

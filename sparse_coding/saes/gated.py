@@ -84,7 +84,8 @@ class GatedSAE(SAE):
     @torch.no_grad()
     def export(self, m: int) -> dict[str, Tensor]:
         w = super().export(m)
-        return {**w, "b_gate": w.pop("b_enc"), "b_mag": self.b_mag[m].clone(), "r_mag": self.r_mag[m].clone()}
+        w["b_gate"] = w.pop("b_enc")
+        return {**w, "b_mag": self.b_mag[m].clone(), "r_mag": self.r_mag[m].clone()}
 
     @torch.no_grad()
     def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:

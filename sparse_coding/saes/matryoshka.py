@@ -41,6 +41,7 @@ def level_widths(d_sae: int, widths: list[int] | None) -> list[int]:
 
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
+    saelens_training_architecture = "matryoshka_batchtopk"
     options = ("matryoshka_widths", "auxk_alpha", "dead_tokens_threshold", "decoder_bias")
 
     def __init__(
