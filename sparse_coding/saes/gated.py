@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.kernels import compiled
 from sparse_coding.saes.relu import L1_NORMS
 
 if TYPE_CHECKING:
@@ -112,19 +113,24 @@ class _GatedStep(torch.autograd.Function):
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
         shared = torch.bmm(xc, W_enc.mT, out=cache.get("shared", (M, B, F_), x))  # W(x − b_dec)
-        gate = torch.add(shared, b_gate[:, None, :], out=cache.get("gate", (M, B, F_), x))
-        open_ = torch.gt(gate, 0, out=cache.get("open", (M, B, F_), x, torch.bool))
-        gate.relu_()  # ReLU(π_gate), the L1 and auxiliary paths' input
-        codes = cache.get("codes", (M, B, F_), x)
-        torch.addcmul(b_mag[:, None, :], shared, r_mag.exp()[:, None, :], out=codes).relu_().mul_(open_)
+        gate, codes = cache.get("gate", (M, B, F_), x), cache.get("codes", (M, B, F_), x)
+        exp_r = r_mag.exp()
+        fused = compiled(shared)
+        if fused:  # ReLU(π_gate), the codes, Σ_b ReLU(π_gate) and the firing counts in one pass
+            gate_sum, fires = torch.ops.sparse_coding.gated_forward(shared, b_gate, exp_r, b_mag, gate, codes)
+        else:
+            torch.add(shared, b_gate[:, None, :], out=gate)
+            open_ = gate > 0
+            gate.relu_()
+            torch.addcmul(b_mag[:, None, :], shared, exp_r[:, None, :], out=codes).relu_().mul_(open_)
+            gate_sum, fires = gate.sum(1), (codes > 0).sum(1)
         x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
-        x_aux = torch.baddbmm(b_dec.detach()[:, None, :], gate, W_dec.detach())
-        gate_sum = gate.sum(1)  # [M, d_sae]
+        x_aux = torch.baddbmm(b_dec.detach()[:, None, :], gate, W_dec.detach())  # the frozen decoder
         l1 = (gate_sum * weights).sum(-1) / B
-        l0 = torch.count_nonzero(codes, dim=(1, 2)).to(x.dtype) / B
+        l0 = fires.sum(-1).to(x.dtype) / B
         cache.generation += 1
-        ctx.generation, ctx.cache, ctx.center = cache.generation, cache, sae.decoder_bias
-        ctx.save_for_backward(xc, W_enc, r_mag, W_dec, weights, shared, gate, open_, codes, gate_sum)
+        ctx.generation, ctx.cache, ctx.center, ctx.fused = cache.generation, cache, sae.decoder_bias, fused
+        ctx.save_for_backward(xc, W_enc, b_gate, exp_r, b_mag, W_dec, weights, shared, gate, codes, gate_sum)
         ctx.mark_non_differentiable(l0)
         return x_hat, x_aux, l1, l0
 
@@ -132,23 +138,26 @@ class _GatedStep(torch.autograd.Function):
     def backward(ctx, g_xhat, g_aux, g_l1, _g_l0):  # type: ignore[override]
         if ctx.generation != ctx.cache.generation:
             raise RuntimeError("a second training forward ran before this one's backward; its buffers are gone")
-        xc, W_enc, r_mag, W_dec, weights, shared, gate, open_, codes, gate_sum = ctx.saved_tensors
+        xc, W_enc, b_gate, exp_r, b_mag, W_dec, weights, shared, gate, codes, gate_sum = ctx.saved_tensors
         M, B, F_ = shared.shape
         g_W_dec = torch.bmm(codes.mT, g_xhat)  # the auxiliary path's decoder is frozen
-        # magnitude path: ∂loss/∂π_mag = (g_xhat W_decᵀ) where the code is positive (gate open, π_mag > 0)
-        g_mag = torch.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g_mag", (M, B, F_), shared))
-        g_mag.mul_(codes > 0)
-        # gate path: ∂loss/∂π_gate = (g_aux W_decᵀ + l1's weight) where π_gate > 0; the gate buffer becomes it
-        g_gate = torch.baddbmm((g_l1 / B)[:, None, None] * weights[:, None, :], g_aux, W_dec.mT, out=codes)
-        g_gate.mul_(gate > 0)
-        exp_r = r_mag.exp()
-        g_r_mag = (g_mag * shared).sum(1) * exp_r
-        g_b_mag = g_mag.sum(1)
-        g_b_gate = g_gate.sum(1)
-        g_shared = g_gate.addcmul_(g_mag, exp_r[:, None, :])  # both paths read W(x − b_dec)
+        g_codes = torch.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g_codes", (M, B, F_), shared))
+        l1_weight = (g_l1 / B)[:, None] * weights  # ∂loss/∂ReLU(π_gate) from the L1 term
+        # ∂loss/∂ReLU(π_gate) from the auxiliary path, into the codes buffer (no longer needed); then ∂loss/∂shared
+        g_shared = torch.bmm(g_aux, W_dec.mT, out=codes)
+        if ctx.fused:
+            r_sum, g_b_mag, g_b_gate = torch.ops.sparse_coding.gated_backward(
+                shared, b_gate, exp_r, b_mag, g_codes, g_shared, l1_weight.contiguous()
+            )
+        else:
+            open_ = gate > 0  # ReLU(π_gate) > 0 ⟺ π_gate > 0
+            g_codes.mul_(open_ & (torch.addcmul(b_mag[:, None, :], shared, exp_r[:, None, :]) > 0))  # ∂/∂π_mag
+            g_shared.add_(l1_weight[:, None, :]).mul_(open_)  # ∂/∂π_gate
+            r_sum, g_b_mag, g_b_gate = (g_codes * shared).sum(1), g_codes.sum(1), g_shared.sum(1)
+            g_shared.addcmul_(g_codes, exp_r[:, None, :])  # both paths read W(x − b_dec)
         g_W_enc = torch.bmm(g_shared.mT, xc)
-        g_weights = (g_l1 / B)[:, None] * gate_sum
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is Σ g_shared @ W_enc
-            g_b_dec = g_b_dec - torch.bmm(g_shared.sum(1)[:, None, :], W_enc)[:, 0, :]
-        return None, g_W_enc, g_b_gate, g_r_mag, g_b_mag, g_W_dec, g_b_dec, g_weights, None
+            g_b_dec = g_b_dec - torch.bmm((g_b_gate + exp_r * g_b_mag)[:, None, :], W_enc)[:, 0, :]
+        g_weights = (g_l1 / B)[:, None] * gate_sum
+        return None, g_W_enc, g_b_gate, r_sum * exp_r, g_b_mag, g_W_dec, g_b_dec, g_weights, None

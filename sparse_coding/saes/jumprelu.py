@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.kernels import compiled
 
 if TYPE_CHECKING:
     from sparse_coding.training.config import SweepConfig
@@ -140,9 +141,14 @@ class _JumpReLUStep(torch.autograd.Function):
         xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
         pre = cache.get("pre", (M, B, F_), x)
         torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
-        active = torch.gt(pre, theta[:, None, :], out=cache.get("active", (M, B, F_), x, torch.bool))
-        codes = torch.mul(pre, active, out=cache.get("codes", (M, B, F_), x))
-        fires = active.sum(1)
+        codes = cache.get("codes", (M, B, F_), x)
+        fused = compiled(pre)
+        if fused:  # codes = pre·H(pre − θ) and the firing counts in one pass
+            fires = torch.ops.sparse_coding.jumprelu_forward(pre, theta, codes)
+        else:
+            active = torch.gt(pre, theta[:, None, :], out=cache.get("active", (M, B, F_), x, torch.bool))
+            torch.mul(pre, active, out=codes)
+            fires = active.sum(1)
         l0 = fires.sum(-1).to(x.dtype) / B
         x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
         dead_pre = pre.gather(-1, cols[:, None, :].expand(M, B, cols.shape[-1]))
@@ -153,7 +159,8 @@ class _JumpReLUStep(torch.autograd.Function):
             sae.decoder_bias,
             sae.jumprelu_bandwidth,
         )
-        ctx.save_for_backward(xc, W_enc, W_dec, theta, cols, pre, active, codes)
+        ctx.fused = fused
+        ctx.save_for_backward(xc, W_enc, W_dec, theta, cols, pre, codes)
         ctx.mark_non_differentiable(fires)
         return x_hat, l0, fires, dead_pre
 
@@ -161,19 +168,24 @@ class _JumpReLUStep(torch.autograd.Function):
     def backward(ctx, g_xhat, g_l0, _g_fires, g_dead_pre):  # type: ignore[override]
         if ctx.generation != ctx.cache.generation:
             raise RuntimeError("a second training forward ran before this one's backward; its buffers are gone")
-        xc, W_enc, W_dec, theta, cols, pre, active, codes = ctx.saved_tensors
+        xc, W_enc, W_dec, theta, cols, pre, codes = ctx.saved_tensors
         M, B, F_ = pre.shape
         eps = ctx.eps
         g = torch.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g", (M, B, F_), pre))  # ∂loss/∂codes
         g_W_dec = torch.bmm(codes.mT, g_xhat)
-        # θ's estimators, both on the window |pre − θ| < ε/2 (reusing the codes buffer, no longer needed).
-        window = torch.sub(pre, theta[:, None, :], out=codes).abs_().lt_(eps / 2)
-        g_theta = -(theta / eps) * (g * window).sum(1) - (g_l0 / (B * eps))[:, None] * window.sum(1)
-        g.mul_(active)  # ∂codes/∂pre = H(pre − θ)
-        if cols.shape[-1] > 0:
+        # θ's estimators read the window |pre − θ| < ε/2; then ∂codes/∂pre = H(pre − θ) turns g into ∂loss/∂pre
+        if ctx.fused:
+            window_g, window_n, g_b_enc = torch.ops.sparse_coding.jumprelu_backward(pre, theta, g, eps / 2)
+        else:
+            window = torch.sub(pre, theta[:, None, :], out=codes).abs_().lt_(eps / 2)  # codes: no longer needed
+            window_g, window_n = (g * window).sum(1), window.sum(1)
+            g.mul_(pre > theta[:, None, :])
+            g_b_enc = g.sum(dim=1)
+        g_theta = -(theta / eps) * window_g - (g_l0 / (B * eps))[:, None] * window_n
+        if cols.shape[-1] > 0:  # the pre-act loss's own gradient, on the dead latents' columns
             g.scatter_add_(-1, cols[:, None, :].expand(M, B, cols.shape[-1]), g_dead_pre)
+            g_b_enc = g_b_enc.scatter_add(-1, cols, g_dead_pre.sum(1))
         g_W_enc = torch.bmm(g.mT, xc)
-        g_b_enc = g.sum(dim=1)
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is g_b_enc @ W_enc
             g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]

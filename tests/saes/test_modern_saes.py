@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sparse_coding.saes import build_sae
+from sparse_coding.saes import build_sae, gated, jumprelu, kernels
 from sparse_coding.saes.kernels import batch_topk
 from sparse_coding.saes.matryoshka import level_widths
 
@@ -17,6 +17,16 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def path(request, monkeypatch):
+    """Both implementations of each step: the compiled CPU kernels and the torch ops used where they are not."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "fuses_bias", lambda x: False)
+        monkeypatch.setattr(jumprelu, "compiled", lambda x: False)
+        monkeypatch.setattr(gated, "compiled", lambda x: False)
+    return request.param
 
 
 def _fast_and_dense(sae, x: Tensor, reference) -> None:
@@ -71,7 +81,7 @@ def _dead_some(sae) -> None:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ks", [[3, 3], [2, 4]])
 @pytest.mark.parametrize("f", [12, 512])
-def test_batchtopk_fast_path_matches_dense_autograd(float64, bias, ks, f):
+def test_batchtopk_fast_path_matches_dense_autograd(float64, path, bias, ks, f):
     d, B = 6, 9
     x = torch.randn(B, d)
     sae = build_sae("batchtopk", d, f, [{"k": k} for k in ks], decoder_bias=bias, dead_tokens_threshold=10**6)
@@ -102,7 +112,7 @@ def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_kept_value(floa
 
 @pytest.mark.parametrize("widths", [None, [3, 8]])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matryoshka_fast_path_matches_dense_autograd(float64, widths, bias):
+def test_matryoshka_fast_path_matches_dense_autograd(float64, path, widths, bias):
     d, f, B, ks = 6, 20, 9, [3, 4]
     x = torch.randn(B, d)
     sae = build_sae(
@@ -160,7 +170,7 @@ class _Jump(torch.autograd.Function):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("free", [False, True])
 @pytest.mark.parametrize("pre_act", [0.0, 0.7])
-def test_jumprelu_fast_path_matches_dense_autograd(float64, bias, free, pre_act):
+def test_jumprelu_fast_path_matches_dense_autograd(float64, path, bias, free, pre_act):
     d, f, B, eps = 6, 16, 40, 0.5  # a wide window, so the estimators see many entries
     x = torch.randn(B, d)
     sae = build_sae(
@@ -196,7 +206,7 @@ def test_jumprelu_fast_path_matches_dense_autograd(float64, bias, free, pre_act)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("free", [False, True])
 @pytest.mark.parametrize("l1_norm", ["dict_size", "none"])
-def test_gated_fast_path_matches_dense_autograd(float64, bias, free, l1_norm):
+def test_gated_fast_path_matches_dense_autograd(float64, path, bias, free, l1_norm):
     d, f, B = 6, 14, 11
     x = torch.randn(B, d)
     sae = build_sae(
