@@ -236,6 +236,35 @@ class SAE(nn.Module, ABC):
         self.b_dec[m].copy_(tensors["b_dec"])
 
 
+class PenaltySAE(SAE):
+    """An architecture whose knob weighs a sparsity penalty (relu and gated: l1_alpha; jumprelu: l0_coef): its
+    values come from the config's coefficient grid, and the trainer's warm-up scales it through sparsity_scale."""
+
+    tag_prefix: ClassVar[str]  # the run-name prefix of the knob's value, e.g. "l1" in relu_d128_l1_0.1
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hparams: list[dict[str, Any]],
+        decoder_bias: bool = True,
+        decoder_init_norm: float = 0.0,
+    ):
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        self.register_buffer(self.knob, torch.tensor([float(h[self.knob]) for h in hparams]))
+
+    @classmethod
+    def knob_values(cls, cfg: SweepConfig) -> list[float]:
+        return cfg.l1_grid()
+
+    def tag(self, m: int) -> str:
+        return f"{self.tag_prefix}_{self._hparams[m][self.knob]:.4g}"
+
+    def coefficient(self) -> Tensor:
+        """Gives each model's penalty weight at this step, [M]: its knob times the warm-up's fraction."""
+        return getattr(self, self.knob) * self.sparsity_scale
+
+
 class BufferCache:
     """Reuses large scratch tensors across steps: a fresh [B, d_sae] tensor costs page faults on every step
     on CPU (measured ~35 ms per 134 MB here, as much as a small matmul), a reused one costs nothing."""

@@ -16,23 +16,21 @@ b_gate = 0, the encoder the decoder's transpose. Saved as SAELens' `gated` (b_ga
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.base import SAE, BufferCache, PenaltySAE, TrainOutput
 from sparse_coding.saes.kernels import compiled
 from sparse_coding.saes.relu import L1_NORMS
 
-if TYPE_CHECKING:
-    from sparse_coding.training.config import SweepConfig
 
-
-class GatedSAE(SAE):
+class GatedSAE(PenaltySAE):
     architecture = "gated"
     saelens_architecture = "gated"
     knob = "l1_alpha"
+    tag_prefix = "l1"
     options = ("l1_norm", "decoder_init_norm", "decoder_bias")
     # the dense step's matmuls: relu's five and the auxiliary path's decoder forward and its input gradient
     roofline_matmuls = SAE.roofline_matmuls + ("decoder", "codes_grad")
@@ -50,18 +48,10 @@ class GatedSAE(SAE):
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
         super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
         self.l1_norm = l1_norm
-        self.register_buffer("l1_alpha", torch.tensor([float(h["l1_alpha"]) for h in hparams]))
         self.r_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
         self.init_transposed()
         self._cache = BufferCache()
-
-    @classmethod
-    def knob_values(cls, cfg: SweepConfig) -> list[float]:
-        return cfg.l1_grid()
-
-    def tag(self, m: int) -> str:
-        return f"l1_{self._hparams[m]['l1_alpha']:.4g}"
 
     def encode(self, x: Tensor) -> Tensor:
         shared = torch.bmm(self.center(x), self.W_enc.mT)
@@ -76,7 +66,7 @@ class GatedSAE(SAE):
         mse = (x_hat - x).pow(2).mean(dim=(1, 2))
         aux = (x_aux - x).pow(2).mean(dim=(1, 2))
         scale = 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
-        loss = mse + self.l1_alpha * self.sparsity_scale * scale * l1 + aux
+        loss = mse + self.coefficient() * scale * l1 + aux
         if not stats:
             return TrainOutput(loss)
         return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "aux": aux.detach(), "l0": l0})

@@ -22,22 +22,20 @@ Saved as SAELens' `jumprelu` (`threshold` tensor).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
 from sparse_coding.saes.kernels import compiled
 
-if TYPE_CHECKING:
-    from sparse_coding.training.config import SweepConfig
 
-
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(PenaltySAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
     knob = "l0_coef"
+    tag_prefix = "l0"
     options = (
         "jumprelu_bandwidth",
         "jumprelu_init_threshold",
@@ -62,18 +60,10 @@ class JumpReLUSAE(SAE):
         super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
         self.jumprelu_bandwidth, self.jumprelu_init_threshold = jumprelu_bandwidth, jumprelu_init_threshold
         self.jumprelu_pre_act_coef, self.dead_tokens_threshold = jumprelu_pre_act_coef, dead_tokens_threshold
-        self.register_buffer("l0_coef", torch.tensor([float(h["l0_coef"]) for h in hparams]))
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
         self.threshold = nn.Parameter(torch.full((self.n_models, d_sae), float(jumprelu_init_threshold)))
         self.init_transposed()
         self._cache = BufferCache()
-
-    @classmethod
-    def knob_values(cls, cfg: SweepConfig) -> list[float]:
-        return cfg.l1_grid()
-
-    def tag(self, m: int) -> str:
-        return f"l0_{self._hparams[m]['l0_coef']:.4g}"
 
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_acts(x)
@@ -95,7 +85,7 @@ class JumpReLUSAE(SAE):
         total_variance = (x - x.mean(0)).pow(2).sum()
         sq_err = (x_hat - x).pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
-        loss = fvu + self.l0_coef * self.sparsity_scale * l0 / self.d_in
+        loss = fvu + self.coefficient() * l0 / self.d_in
         parts = {"mse": sq_err.detach() / (B * self.d_in), "fvu": fvu.detach(), "l0": l0.detach()}
         if n_dead > 0:
             really_dead = torch.arange(n_dead, device=x.device) < dead.sum(-1, keepdim=True)  # [M, D]

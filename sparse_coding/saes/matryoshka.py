@@ -3,11 +3,12 @@
 2024), so the first latents learn general features and later ones refine them instead of absorbing them.
 
 Latents [0, w_1), [0, w_2), ..., [0, d_sae) are the levels (`--matryoshka_widths`; a width not below a
-dictionary's size is dropped for it, and d_sae is always the last level; by default the geometric ladder
-d_sae/64, d_sae/16, d_sae/4, d_sae). The loss is the mean over levels of each prefix's FVU — the uniform level
-weights dictionary_learning uses by default (SAELens sums them; a constant factor, which Adam does not see) —
-plus AuxK on the full dictionary's residual, as both do by default. The selection, threshold, inference form
-(JumpReLU with the learned threshold) and SAELens export are BatchTopK's; the levels shape training only.
+dictionary's size is dropped for it, and d_sae is always the last level; by default d_sae/16, /8, /4, /2, d_sae,
+the ladder of the paper's own training script, bartbussmann/matryoshka_sae). The loss is the mean over levels of
+each prefix's FVU — the uniform level weights dictionary_learning uses by default (SAELens sums the levels, which
+only weighs AuxK differently) — plus AuxK on the full dictionary's residual, as both do by default. The selection,
+threshold, inference form (JumpReLU with the learned threshold) and SAELens export are BatchTopK's; the levels
+shape training only.
 
 Sparse like BatchTopK: the kept entries come in index order, so token-major and, within a token, by latent; each
 entry's bag is (token, level), and one embedding-bag gives every level's own part of the reconstruction, whose
@@ -31,9 +32,9 @@ if TYPE_CHECKING:
 
 def level_widths(d_sae: int, widths: list[int] | None) -> list[int]:
     """Gives the prefix sizes of a dictionary of d_sae latents: the given widths below d_sae (or the default
-    ladder d_sae/64, d_sae/16, d_sae/4), then d_sae itself."""
+    ladder d_sae/16, d_sae/8, d_sae/4, d_sae/2), then d_sae itself."""
     if widths is None:
-        return sorted({w for w in (d_sae // 64, d_sae // 16, d_sae // 4) if w > 0}) + [d_sae]
+        return sorted({w for w in (d_sae // 16, d_sae // 8, d_sae // 4, d_sae // 2) if w > 0}) + [d_sae]
     if any(b <= a for a, b in zip(widths, widths[1:], strict=False)) or min(widths) <= 0:
         raise ValueError(f"matryoshka widths must be positive and strictly increasing, got {widths}")
     return [w for w in widths if w < d_sae] + [d_sae]

@@ -15,23 +15,21 @@ encoder rows; bias 0. The trainer then resets those rows' Adam moments.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
-
-if TYPE_CHECKING:
-    from sparse_coding.training.config import SweepConfig
+from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
 
 L1_NORMS = ("dict_size", "none")
 
 
-class ReluSAE(SAE):
+class ReluSAE(PenaltySAE):
     architecture = "relu"
     saelens_architecture = "standard"
     knob = "l1_alpha"
+    tag_prefix = "l1"
     can_resample = True
     options = ("tied", "l1_norm", "decoder_init_norm", "decoder_bias")
 
@@ -53,7 +51,6 @@ class ReluSAE(SAE):
             raise ValueError("a tied relu SAE keeps unit-norm decoder rows (decoder_init_norm must be 0)")
         super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
         self.tied, self.l1_norm = tied, l1_norm
-        self.register_buffer("l1_alpha", torch.tensor([float(h["l1_alpha"]) for h in hparams]))
         self.register_buffer("steps_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
         with torch.no_grad():  # as the original: orthogonal decoder, nn.Linear's default encoder init
             bound = d_in**-0.5
@@ -68,13 +65,6 @@ class ReluSAE(SAE):
         if tied:
             del self.W_enc  # the encoder is the decoder's transpose; nothing separate to learn
         self._cache = BufferCache()
-
-    @classmethod
-    def knob_values(cls, cfg: SweepConfig) -> list[float]:
-        return cfg.l1_grid()
-
-    def tag(self, m: int) -> str:
-        return f"l1_{self._hparams[m]['l1_alpha']:.4g}"
 
     def encoder(self) -> Tensor:
         return self.W_dec if self.tied else self.W_enc
@@ -91,7 +81,7 @@ class ReluSAE(SAE):
             x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights, self.decoder_bias, self._cache
         )
         mse = (x_hat - x).pow(2).mean(dim=(1, 2))
-        loss = mse + self.l1_alpha * self.sparsity_scale * self.l1_scale() * l1
+        loss = mse + self.coefficient() * self.l1_scale() * l1
         if self.track_firing:
             with torch.no_grad():
                 self.steps_since_fired.add_(1).masked_fill_(codes.amax(dim=1) > 0, 0)

@@ -47,7 +47,7 @@ class SweepConfig(Config):
         10_000_000, "topk family, jumprelu: a latent silent this many tokens counts as dead", gt=0
     )
     matryoshka_widths: list[int] | None = option(
-        None, "matryoshka: nested prefix sizes (a width ≥ d_sae is skipped; default d_sae/64, /16, /4)", gt=0
+        None, "matryoshka: nested prefix sizes (a width ≥ d_sae is skipped; default d_sae/16, /8, /4, /2)", gt=0
     )
     jumprelu_bandwidth: float = option(0.05, "jumprelu: width ε of the threshold's straight-through kernel", gt=0)
     jumprelu_init_threshold: float = option(0.01, "jumprelu: every latent's threshold at the start", ge=0)

@@ -132,7 +132,7 @@ def test_matryoshka_fast_path_matches_dense_autograd(float64, path, widths, bias
         return torch.stack(fvus, -1).mean(-1) + _auxk(sae, x, pre, sae.decode(codes), total_var)
 
     _fast_and_dense(sae, x, reference)
-    assert level_widths(20, None) == [1, 5, 20] and level_widths(20, [3, 8, 40]) == [3, 8, 20]
+    assert level_widths(20, None) == [1, 2, 5, 10, 20] and level_widths(20, [3, 8, 40]) == [3, 8, 20]
 
 
 class _Step(torch.autograd.Function):
