@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
-	@# Build the CPU top-k kernel now, not inside a first training run (a warning, not a failure, without g++).
+	@# Build the CPU kernels now, not inside a first training run (a warning, not a failure, without g++).
 	$(PY) -c "from sparse_coding.saes.kernels import cpu_kernel_available as ok; ok()"
 	touch $@
 

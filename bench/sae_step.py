@@ -1,9 +1,10 @@
 """Training-step throughput of an SAE stack beside this machine's matmul roofline.
 
-The roofline is the time of the five matmuls a dense SAE step needs (encoder forward, decoder forward,
-decoder input- and weight-gradients, encoder weight-gradient: 10·d_in·d_sae FLOP per token), each measured
-here at the step's own shapes into preallocated outputs. A dense step can at best match it; a sparse (TopK)
-step can beat it. With --n_models > 1 the stack is also compared with one SAE fed the same number of
+The roofline is the time of the matmuls the architecture's dense step needs (`roofline_matmuls` of its class:
+for most, encoder forward, decoder forward, the codes' gradient, decoder and encoder weight gradients, so
+10·d_in·d_sae FLOP per token; gated adds its auxiliary path's decoder forward and codes' gradient), each measured
+here at the step's own shapes into preallocated outputs. A dense step can at best match it; a sparse (TopK
+family) step can beat it. With --n_models > 1 the stack is also compared with one SAE fed the same number of
 tokens per step in one large batch. Prints one JSON line per measurement.
 """
 
@@ -40,11 +41,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-KNOB_DEFAULTS = {"k": 32, "l1_alpha": 1e-3}  # a typical value of each knob
+KNOB_DEFAULTS = {"k": 32, "l1_alpha": 1e-3, "l0_coef": 1.0}  # a typical value of each knob
 
 
-def roofline_step_seconds(M: int, B: int, d: int, f: int, device: torch.device, repeats: int) -> float:
-    """Gives the summed median times of the five matmuls of one dense step."""
+def roofline_step_seconds(
+    names: tuple[str, ...], M: int, B: int, d: int, f: int, device: torch.device, repeats: int
+) -> float:
+    """Gives the summed median times of the named matmuls of one dense step."""
     x, W_enc, W_dec = (torch.randn(*s, device=device) for s in ((M, B, d), (M, d, f), (M, f, d)))
     codes, g_codes, g_xhat = (
         torch.randn(M, B, f, device=device),
@@ -53,14 +56,14 @@ def roofline_step_seconds(M: int, B: int, d: int, f: int, device: torch.device, 
     )
     enc_out, dec_out = torch.empty(M, B, f, device=device), torch.empty(M, B, d, device=device)
     gW_dec, gW_enc = torch.empty(M, f, d, device=device), torch.empty(M, d, f, device=device)
-    gemms = [
-        lambda: torch.bmm(x, W_enc, out=enc_out),  # encoder forward
-        lambda: torch.bmm(codes, W_dec, out=dec_out),  # decoder forward
-        lambda: torch.bmm(g_xhat, W_dec.mT, out=g_codes),  # gradient w.r.t. the codes
-        lambda: torch.bmm(codes.mT, g_xhat, out=gW_dec),  # decoder weight gradient
-        lambda: torch.bmm(x.mT, g_codes, out=gW_enc),  # encoder weight gradient
-    ]
-    return sum(median_time(g, repeats) for g in gemms)
+    gemms = {
+        "encoder": lambda: torch.bmm(x, W_enc, out=enc_out),
+        "decoder": lambda: torch.bmm(codes, W_dec, out=dec_out),
+        "codes_grad": lambda: torch.bmm(g_xhat, W_dec.mT, out=g_codes),
+        "decoder_grad": lambda: torch.bmm(codes.mT, g_xhat, out=gW_dec),
+        "encoder_grad": lambda: torch.bmm(x.mT, g_codes, out=gW_enc),
+    }
+    return sum(median_time(gemms[name], repeats) for name in names)
 
 
 def step_seconds(arch: str, M: int, B: int, d: int, f: int, knob: float, device: torch.device, steps: int) -> float:
@@ -105,7 +108,7 @@ def main() -> None:
     rounds = [
         (
             step_seconds(a.arch, M, B, d, f, knob, device, a.steps),
-            roofline_step_seconds(M, B, d, f, device, a.repeats),
+            roofline_step_seconds(SAES[a.arch].roofline_matmuls, M, B, d, f, device, a.repeats),
         )
         for _ in range(a.rounds)
     ]
@@ -122,6 +125,7 @@ def main() -> None:
         "tokens_per_s": round(M * B / t_step),
         "roofline_tokens_per_s": round(M * B / t_roof),
         "ratio": round(ratio, 3),
+        "roofline_matmuls": len(SAES[a.arch].roofline_matmuls),
         "device": str(device),
         "threads": torch.get_num_threads(),
     }

@@ -68,3 +68,26 @@ def density_histograms(densities: dict[str, Any], title: str, path: str | Path) 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def metrics_against_l0(
+    runs: Sequence[dict[str, Any]], keys: Sequence[tuple[str, str]], group: str, title: str, path: str | Path
+) -> Path:
+    """Writes one panel per (key, label) of `keys`, each metric against L0 (log scale), one line per value of
+    `group` (e.g. the architecture), its points in order of L0: which group gets the most for its sparsity."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8))
+    for ax, (key, label) in zip(np.atleast_1d(axes), keys, strict=True):
+        for name in dict.fromkeys(r[group] for r in runs):
+            points = sorted((r["l0"], r[key]) for r in runs if r[group] == name and r[key] is not None and r["l0"])
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=str(name))
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per example)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -24,21 +24,25 @@ def sweep_rows(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Gives one row per SAE (stack i, model m): its architecture, knob (name and value), size and metrics, plus
-    extra(i, m)."""
+    extra(i, m). Stacks come architecture by architecture, each with one stack per ratio, smallest first."""
     rows = []
     knob_names = sorted({cls.knob for cls in SAES.values()})
-    pairs = [(i, m) for m in range(stacks[0].n_models) for i in range(len(stacks))]
+    # rows by architecture, then grid point, then size
+    pairs = sorted(
+        ((i, m) for i in range(len(stacks)) for m in range(stacks[i].n_models)),
+        key=lambda p: (p[0] // len(ratios), p[1], p[0]),
+    )
     for i, m in tqdm(pairs, desc="metrics", disable=not progress):
         sae, st = stacks[i], stats[i]
         larger = None
-        if i + 1 < len(stacks):
+        if i + 1 < len(stacks) and stacks[i + 1].architecture == sae.architecture:
             larger = metrics.mmcs_with_larger(sae.decoder()[m].detach(), stacks[i + 1].decoder()[m].detach(), threshold)
         row = {
             "arch": sae.architecture,
             "knob": sae.knob,
             **dict.fromkeys(knob_names),  # every row has every knob's column (null where another arch's)
             **sae.hparams(m),
-            "dict_ratio": ratios[i],
+            "dict_ratio": ratios[i % len(ratios)],
             "dict_size": sae.d_sae,
             "name": sae.name(m),
             "dead_features": int(st.dead_features[m]),

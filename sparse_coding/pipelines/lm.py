@@ -51,6 +51,7 @@ from sparse_coding.training.distributed import (
 )
 from sparse_coding.training.log import LOG_FILE, TrainLog
 from sparse_coding.training.memory import check_sweep_fits
+from sparse_coding.training.schedule import Schedule
 from sparse_coding.training.trainer import Trainer, build_stacks, train
 from utils import resolve_device
 
@@ -89,6 +90,7 @@ class RunConfig(SweepConfig, CacheConfig):
 
     def check(self) -> None:
         super().check()
+        self.sae_cls  # noqa: B018  (one architecture per run: raises otherwise)
         if self.n_eval_chunks >= self.n_chunks:
             raise ConfigError("n_eval_chunks must leave at least one chunk for training")
         n_train = self.n_chunks - self.n_eval_chunks
@@ -225,8 +227,11 @@ def make_trainer(run: Run, stacks: list[SAE], data: ActivationDataset) -> tuple[
     data_parallel = info.active and cfg.parallel == "data"
     if data_parallel and cfg.batch_size % info.world:
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {info.world} processes")
+    if data_parallel and cfg.resample_every:
+        raise ConfigError("--resample_every needs --parallel models (each rank would resample from its own inputs)")
     sync = (lambda ts: average_tensors(ts, info)) if data_parallel else None
-    trainer = Trainer(stacks, lr=cfg.lr, sync=sync, init_b_dec=not cfg.load_autoencoders)
+    schedule = Schedule.from_config(cfg)
+    trainer = Trainer(stacks, lr=cfg.lr, sync=sync, init_b_dec=not cfg.load_autoencoders, schedule=schedule)
     source: Any = ChunkSource(data, list(range(cfg.n_chunks - cfg.n_eval_chunks)), cfg.seed, run.device, cfg.mix_chunks)
     return trainer, RankSlice(source, info) if data_parallel else source
 
@@ -280,7 +285,7 @@ def train_and_report(
             continue
         sharded = info.active and cfg.parallel == "models"
         rows = (
-            evaluate_and_save(run, lm, hook, data, stacks, x_eval, eval_tokens, steps)
+            evaluate_and_save(run, lm, hook, data, trainer.export_stacks(), x_eval, eval_tokens, steps)
             if info.is_main or sharded
             else []
         )

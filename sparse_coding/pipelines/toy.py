@@ -17,6 +17,7 @@ from sparse_coding.config import option
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator
 from sparse_coding.errors import CheckpointError
 from sparse_coding.eval import metrics
+from sparse_coding.eval.plots import metrics_against_l0
 from sparse_coding.eval.reconstruction import evaluate
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import save_tensors, write_json
@@ -25,6 +26,7 @@ from sparse_coding.training.checkpoint import check_resumable, config_fingerprin
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.log import LOG_FILE, TrainLog
 from sparse_coding.training.memory import check_sweep_fits
+from sparse_coding.training.schedule import Schedule
 from sparse_coding.training.trainer import Trainer, build_stacks, train
 from utils import resolve_device
 
@@ -71,6 +73,20 @@ def cpu() -> ToyRunConfig:
     )
 
 
+def archs() -> ToyRunConfig:
+    """Every architecture on the cpu preset's problem at the true dictionary size (ratio 2: 128 latents for 128
+    true features), each with its knob swept, plotted as MMCS, FVU and dead latents against L0 on one figure."""
+    return dataclasses.replace(
+        cpu(),
+        preset="archs",
+        arch="all",
+        dict_ratio_exp_low=1,
+        dict_ratio_exp_high=1,
+        k_values=[2, 3, 4, 5, 6, 8, 12],
+        dead_tokens_threshold=200_000,
+    )
+
+
 def smoke() -> ToyRunConfig:
     """Seconds, for tests."""
     return ToyRunConfig(
@@ -88,7 +104,10 @@ def smoke() -> ToyRunConfig:
     )
 
 
-PRESETS = {"paper": paper, "cpu": cpu, "smoke": smoke}
+PRESETS = {"paper": paper, "cpu": cpu, "archs": archs, "smoke": smoke}
+
+
+ARCHS_PLOT = "archs_vs_l0.png"
 
 
 class ToySource:
@@ -121,8 +140,9 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
 
     stacks = build_stacks(cfg, cfg.activation_dim, device)
     log = TrainLog(out_dir / LOG_FILE, stacks)
-    train(Trainer(stacks, lr=cfg.lr), ToySource(gen), cfg, out_dir / "checkpoint", fingerprint, log, progress)
-    runs = score_against_truth(cfg, gen, stacks, out_dir, progress)
+    trainer = Trainer(stacks, lr=cfg.lr, schedule=Schedule.from_config(cfg))
+    train(trainer, ToySource(gen), cfg, out_dir / "checkpoint", fingerprint, log, progress)
+    runs = score_against_truth(cfg, gen, trainer.export_stacks(), out_dir, progress)
     results = {"config": asdict(cfg), "runs": runs}
     write_json(out_dir / "results.json", results)
     plot_results(cfg, runs, out_dir)
@@ -163,8 +183,13 @@ def score_against_truth(
 
 
 def plot_results(cfg: ToyRunConfig, runs: list[dict[str, Any]], out_dir: Path) -> None:
-    """Writes the four heatmaps of the report (rows: the knob, l1 or k; columns: dictionary ratio)."""
+    """Writes the four heatmaps of the report (rows: the knob, l1 or k; columns: dictionary ratio); for a sweep
+    of several architectures, one figure of MMCS, FVU and dead latents against L0 instead."""
     truth = f"; true features at ratio {cfg.n_ground_truth / cfg.activation_dim:g}"
+    if len(cfg.arch_names()) > 1:
+        keys = [("mmcs", "MMCS with ground truth"), ("fvu", "FVU"), ("dead_features", "dead latents")]
+        metrics_against_l0(runs, keys, "arch", "architectures" + truth, out_dir / ARCHS_PLOT)
+        return
     plot_grid(runs, "mmcs", "MMCS with ground truth" + truth, out_dir / "mmcs_matrix.png")
     plot_grid(
         runs,

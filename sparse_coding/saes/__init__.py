@@ -7,12 +7,20 @@ from typing import Any
 
 from sparse_coding.errors import ConfigError, SAEFolderError
 from sparse_coding.saes.base import SAE, TrainOutput
+from sparse_coding.saes.batchtopk import BatchTopKSAE
+from sparse_coding.saes.gated import GatedSAE
+from sparse_coding.saes.jumprelu import JumpReLUSAE
+from sparse_coding.saes.matryoshka import MatryoshkaSAE
 from sparse_coding.saes.relu import ReluSAE
 from sparse_coding.saes.topk import TopKSAE
 
 SAES: dict[str, type[SAE]] = {
     "relu": ReluSAE,
     "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
+    "matryoshka": MatryoshkaSAE,
 }
 
 
@@ -35,7 +43,10 @@ def build_sae(arch: str, d_in: int, d_sae: int, hparams: list[dict[str, Any]], *
 
 
 def arch_for_saelens_name(name: str) -> str:
-    """Maps SAELens' architecture name in cfg.json back to ours."""
+    """Maps SAELens' architecture name in cfg.json back to ours (the architecture of that name first: SAELens
+    saves BatchTopK SAEs as `jumprelu`, and a folder without our metadata is read in its inference form)."""
+    if name in SAES and SAES[name].saelens_architecture == name:
+        return name
     for arch, cls in SAES.items():
         if cls.saelens_architecture == name:
             return arch

@@ -7,7 +7,9 @@ W_dec [M, d_sae, d_in], b_dec [M, d_in]. Exported tensors follow SAELens (W_enc 
 Decoder rows are kept at unit norm in parameter space: before each optimizer step the gradient's component
 along each row is removed, after it each row is rescaled to norm 1. At unit norm that projected gradient is
 exactly the gradient of normalizing in the forward pass (the original research code's way), without the
-extra [d_sae, d_in] tensors per step that forward normalization allocates.
+extra [d_sae, d_in] tensors per step that forward normalization allocates. Architectures with a sparsity penalty
+also offer a free decoder (`decoder_init_norm` > 0: rows start at that norm and are not constrained, Anthropic's
+April 2024 recipe and SAELens' default), where the penalty weighs each latent by its decoder row's norm.
 """
 
 from __future__ import annotations
@@ -43,16 +45,33 @@ class SAE(nn.Module, ABC):
 
     architecture: ClassVar[str]  # our name: the registry key, --arch, "arch" in cfg.json's metadata
     saelens_architecture: ClassVar[str]  # the name SAELens' cfg.json uses
+    saelens_training_architecture: ClassVar[str | None] = None  # SAELens' metadata name, where not the above
     knob: ClassVar[str]  # the per-SAE sparsity setting a sweep varies ("l1_alpha", "k", ...)
     options: ClassVar[tuple[str, ...]] = ("decoder_bias",)  # sweep-config fields every SAE of a stack shares
+    # The matmuls of the architecture's dense training step, [B, d_in]×[d_in, d_sae]-sized each (bench/sae_step.py
+    # times them as the roofline): encoder forward, decoder forward, the codes' gradient, both weight gradients.
+    roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
+    can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
 
-    def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], decoder_bias: bool = True):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hparams: list[dict[str, Any]],
+        decoder_bias: bool = True,
+        decoder_init_norm: float = 0.0,
+    ):
+        """decoder_init_norm 0 keeps the decoder rows at unit norm; > 0 starts them at that norm, unconstrained."""
         super().__init__()
         if not hparams or any(self.knob not in h for h in hparams):
             raise ValueError(f"{self.architecture} needs a {self.knob!r} for every SAE of the stack, got {hparams}")
+        if decoder_init_norm < 0:
+            raise ValueError(f"decoder_init_norm must be ≥ 0, got {decoder_init_norm}")
         self._hparams = [dict(h) for h in hparams]
         self.d_in, self.d_sae, self.n_models = d_in, d_sae, len(hparams)
-        self.decoder_bias = decoder_bias
+        self.decoder_bias, self.decoder_init_norm = decoder_bias, decoder_init_norm
+        self.sparsity_scale = 1.0  # the fraction of its sparsity coefficient a model uses now (the trainer's warm-up)
+        self.track_firing = False  # whether train_forward keeps steps_since_fired (resampling architectures)
         M = self.n_models
         self.W_enc = nn.Parameter(torch.empty(M, d_sae, d_in))
         self.b_enc = nn.Parameter(torch.zeros(M, d_sae))
@@ -65,8 +84,30 @@ class SAE(nn.Module, ABC):
 
     # --- the SAE math -------------------------------------------------------------------------------------
     def decoder(self) -> Tensor:
-        """Gives the decoder, [M, d_sae, d_in], rows of unit norm."""
+        """Gives the decoder, [M, d_sae, d_in], rows of unit norm unless the decoder is free."""
         return self.W_dec
+
+    @property
+    def free_decoder(self) -> bool:
+        return self.decoder_init_norm > 0
+
+    def decoder_norms(self) -> Tensor:
+        """Gives each latent's decoder row norm, [M, d_sae]: the weight of its sparsity penalty (ones, without a
+        gradient, while rows are kept at unit norm)."""
+        if self.free_decoder:
+            return self.W_dec.norm(dim=-1)
+        return torch.ones(self.n_models, self.d_sae, device=self.W_dec.device, dtype=self.W_dec.dtype)
+
+    @torch.no_grad()
+    def init_transposed(self) -> None:
+        """The init of TopK (Gao et al.) and SAELens: decoder rows uniform on [-1/√d_in, 1/√d_in]^d_in scaled to
+        unit norm (or decoder_init_norm), the encoder their transpose."""
+        bound = self.d_in**-0.5
+        self.W_dec.uniform_(-bound, bound)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.free_decoder:
+            self.W_dec.mul_(self.decoder_init_norm)
+        self.W_enc.copy_(self.W_dec)
 
     def encoder(self) -> Tensor:
         """Gives the encoder rows actually used, [M, d_sae, d_in] (tied SAEs override this)."""
@@ -76,14 +117,15 @@ class SAE(nn.Module, ABC):
     def constrain_grads(self) -> None:
         """Removes from W_dec's gradient its component along each (unit) row; call before the optimizer step."""
         g = self.W_dec.grad
-        if g is not None:
+        if g is not None and not self.free_decoder:
             radial = torch.einsum("mfd,mfd->mf", g, self.W_dec)
             g.addcmul_(self.W_dec, radial.unsqueeze(-1), value=-1.0)
 
     @torch.no_grad()
     def constrain_weights(self) -> None:
         """Puts every decoder row back at unit norm; call after the optimizer step."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if not self.free_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def center(self, x: Tensor) -> Tensor:
         """x: [B, d_in] shared by all models, or [M, B, d_in] → [M, B, d_in] minus b_dec when it is trained."""
@@ -151,6 +193,31 @@ class SAE(nn.Module, ABC):
             self.b_dec.copy_(x.float().mean(0).expand_as(self.b_dec))
 
     @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Makes the SAE, trained on inputs multiplied by `scale`, take and reconstruct the raw inputs: every
+        pre-activation, code, bias and threshold divides by `scale`; W_enc and the (unit) decoder rows stay."""
+        self.b_enc.div_(scale)
+        self.b_dec.div_(scale)
+
+    def folded(self, scale: float) -> SAE:
+        """Gives a copy of this stack that takes and reconstructs raw inputs, this one having been trained on inputs
+        multiplied by scale (see fold_input_scale)."""
+        with torch.random.fork_rng(devices=[]):  # building the copy draws an init; keep the caller's RNG as it was
+            copy = type(self)(self.d_in, self.d_sae, self._hparams, **self.stack_options())
+        copy.load_state_dict(self.state_dict())
+        copy.fold_input_scale(scale)
+        return copy.to(self.W_dec.device)
+
+    def latent_parameters(self) -> list[nn.Parameter]:
+        """The parameters with a row per latent ([M, d_sae, ...]): what re-initialising a latent touches."""
+        return [p for name, p in self.named_parameters() if name in ("W_enc", "b_enc", "W_dec")]
+
+    def resample(self, x: Tensor, window: int, generator: torch.Generator) -> Tensor:
+        """Re-initialises the latents silent for `window` steps, drawing on inputs x [N, d_in]; gives the mask of
+        those latents, [M, d_sae]. Only architectures with can_resample implement it."""
+        raise NotImplementedError(f"{self.architecture} does not resample dead latents")
+
+    @torch.no_grad()
     def export(self, m: int) -> dict[str, Tensor]:
         """Gives model m's effective weights in the SAELens layout (W_enc [d_in, d_sae], W_dec [d_sae, d_in])."""
         return {
@@ -167,6 +234,35 @@ class SAE(nn.Module, ABC):
         self.b_enc[m].copy_(tensors["b_enc"])
         self.W_dec[m].copy_(tensors["W_dec"])
         self.b_dec[m].copy_(tensors["b_dec"])
+
+
+class PenaltySAE(SAE):
+    """An architecture whose knob weighs a sparsity penalty (relu and gated: l1_alpha; jumprelu: l0_coef): its
+    values come from the config's coefficient grid, and the trainer's warm-up scales it through sparsity_scale."""
+
+    tag_prefix: ClassVar[str]  # the run-name prefix of the knob's value, e.g. "l1" in relu_d128_l1_0.1
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        hparams: list[dict[str, Any]],
+        decoder_bias: bool = True,
+        decoder_init_norm: float = 0.0,
+    ):
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        self.register_buffer(self.knob, torch.tensor([float(h[self.knob]) for h in hparams]))
+
+    @classmethod
+    def knob_values(cls, cfg: SweepConfig) -> list[float]:
+        return cfg.l1_grid()
+
+    def tag(self, m: int) -> str:
+        return f"{self.tag_prefix}_{self._hparams[m][self.knob]:.4g}"
+
+    def coefficient(self) -> Tensor:
+        """Gives each model's penalty weight at this step, [M]: its knob times the warm-up's fraction."""
+        return getattr(self, self.knob) * self.sparsity_scale
 
 
 class BufferCache:

@@ -1,11 +1,14 @@
-"""The TopK SAE's two sparse primitives: top-k selection (a compiled kernel on CPU, topk_cpu.cpp; torch.topk
-elsewhere) and per-latent sums over the tokens that chose each latent (a CSR matmul: MKL on CPU, cuSPARSE on CUDA).
+"""The compiled CPU kernels and the sparse primitives of the TopK family.
+
+- top-k of each row (topk_cpu.cpp; torch.topk elsewhere) and of a whole [B, d_sae] slab (BatchTopK), and
+  per-latent sums over the entries that chose each latent (a CSR matmul: MKL on CPU, cuSPARSE on CUDA);
+- the fused elementwise passes of the dense JumpReLU and gated steps (dense_cpu.cpp; torch ops elsewhere).
 
 On 2 CPU cores at d_sae 8192, batch 4096, k 32, torch.topk took ~41 ms of a ~290 ms training step, the kernel
-~12 ms. `make setup` builds it (~15 s) into ~/.cache/sparse_coding/ (or $TORCH_EXTENSIONS_DIR), in a folder per
-torch and Python version so two environments never load each other's build; otherwise the first use builds it.
-Where it cannot be built (no C++ compiler) torch.topk is used, with one warning. (A hand-written per-latent sum
-was ~5 ms a step faster than the CSR matmul here, too little to keep a second kernel for.)
+~12 ms. `make setup` builds them (~30 s) into ~/.cache/sparse_coding/ (or $TORCH_EXTENSIONS_DIR), in a folder per
+torch and Python version so two environments never load each other's build; otherwise the first use builds them.
+Where they cannot be built (no C++ compiler) the torch versions are used, with one warning. (A hand-written
+per-latent sum was ~5 ms a step faster than the CSR matmul here, too little to keep a second kernel for.)
 """
 
 from __future__ import annotations
@@ -24,19 +27,19 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
-_SOURCE = Path(__file__).with_name("topk_cpu.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("topk_cpu.cpp", "dense_cpu.cpp")]
 
 
 def build_directory() -> Path:
-    """Where the kernel is built: one folder per torch and Python version (a build links against one torch)."""
+    """Where the kernels are built: one folder per torch and Python version (a build links against one torch)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "sparse_coding"
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
-    return Path(root) / tag / "sparse_coding_topk"
+    return Path(root) / tag / "sparse_coding_kernels"
 
 
 @functools.cache
 def cpu_kernel_available() -> bool:
-    """Builds (or loads the cached build of) the CPU kernel; False where that fails or SPARSE_CODING_NO_KERNEL=1."""
+    """Builds (or loads the cached build of) the CPU kernels; False where that fails or SPARSE_CODING_NO_KERNEL=1."""
     if os.environ.get("SPARSE_CODING_NO_KERNEL") == "1":
         return False
     try:
@@ -48,15 +51,15 @@ def cpu_kernel_available() -> bool:
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
         load(
-            name="sparse_coding_topk",
-            sources=[str(_SOURCE)],
+            name="sparse_coding_kernels",
+            sources=[str(p) for p in _SOURCES],
             build_directory=str(build),
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
-    except Exception as e:  # no compiler, no ninja, a read-only cache: all mean "use torch.topk"
-        warnings.warn(f"the CPU top-k kernel could not be built, using torch.topk (slower): {e}", stacklevel=2)
+    except Exception as e:  # no compiler, no ninja, a read-only cache: all mean "use torch's own ops"
+        warnings.warn(f"the CPU kernels could not be built, using torch ops (slower): {e}", stacklevel=2)
         return False
     return True
 
@@ -64,6 +67,11 @@ def cpu_kernel_available() -> bool:
 def fuses_bias(x: Tensor) -> bool:
     """True where topk_last_dim adds its bias on the fly (the CPU kernel): the caller can skip adding it."""
     return x.device.type == "cpu" and not _needs_grad(x) and cpu_kernel_available()
+
+
+def compiled(x: Tensor) -> bool:
+    """True where the fused kernels of dense_cpu.cpp serve x (CPU, float32 or float64, the kernels built)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_kernel_available()
 
 
 def _needs_grad(t: Tensor | None) -> bool:
@@ -84,17 +92,39 @@ def topk_last_dim(x: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor
     return x.topk(k, dim=-1, sorted=True)
 
 
-def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
-    """sel (int64), w: [M, B, K], X: [M, B, d] → (out [M, d_sae, d], w_sum [M, d_sae]) with
-    out[m, j] = Σ over (b, s) where sel[m, b, s] = j of w[m, b, s] · X[m, b], and w_sum the same sum of w.
-    Each latent sums its tokens in token order (a stable sort): on CPU the result is deterministic."""
-    M, B, K = sel.shape
-    rows = (sel + (torch.arange(M, device=sel.device) * d_sae)[:, None, None]).reshape(-1)
-    order = torch.argsort(rows, stable=True)
+def batch_topk(x: Tensor, counts: list[int], bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x: [M, R, F] (+ bias [M, F], per column) → (values, flat indices) [M, max(counts)]: model m's counts[m]
+    largest entries of its whole [R, F] slab, in index order (flat index r·F + j), padded past counts[m] with
+    value 0 at index R·F − 1 (which keeps each row in index order). On CPU ties go to the lower index."""
+    M, R, F = x.shape
+    if fuses_bias(x) and not _needs_grad(bias) and x.dtype in (torch.float32, torch.float64):
+        return torch.ops.sparse_coding.batch_topk(x, counts, bias)
+    flat = (x if bias is None else x + bias[:, None, :]).reshape(M, R * F)
+    values = flat.new_zeros(M, max(counts))
+    indices = torch.full((M, max(counts)), R * F - 1, dtype=torch.long, device=x.device)
+    for m, n in enumerate(counts):  # one selection per model: their counts differ
+        v, i = flat[m].topk(n, sorted=False)
+        i, order = i.sort()
+        values[m, :n], indices[m, :n] = v[order], i
+    return values, indices
+
+
+def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """sel (int64), w: [M, N], X: [M, R, d], rows (int64) [M, N] → (out [M, d_sae, d], w_sum [M, d_sae]) with
+    out[m, j] = Σ over entries n where sel[m, n] = j of w[m, n] · X[m, rows[m, n]], and w_sum the same sum of w.
+    Without rows, sel and w are [M, R, K]: K entries for each row of X, in order. Each latent sums its entries
+    in entry order (a stable sort): on CPU the result is deterministic."""
+    M, R = X.shape[:2]
+    if rows is None:
+        K = sel.shape[-1]
+        rows = torch.arange(R, device=sel.device).repeat_interleave(K).expand(M, -1)
+    latents = (sel.reshape(M, -1) + (torch.arange(M, device=sel.device) * d_sae)[:, None]).reshape(-1)
+    cols = (rows + (torch.arange(M, device=sel.device) * R)[:, None]).reshape(-1)
+    order = torch.argsort(latents, stable=True)
     crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
-    crow[1:] = torch.bincount(rows, minlength=M * d_sae).cumsum(0)
+    crow[1:] = torch.bincount(latents, minlength=M * d_sae).cumsum(0)
     flat = w.reshape(-1)
-    by_latent = torch.sparse_csr_tensor(crow, order // K, flat[order], (M * d_sae, M * B), check_invariants=False)
-    out = (by_latent @ X.reshape(M * B, -1)).view(M, d_sae, -1)
-    w_sum = torch.zeros(M * d_sae, dtype=w.dtype, device=w.device).index_add_(0, rows, flat).view(M, d_sae)
+    by_latent = torch.sparse_csr_tensor(crow, cols[order], flat[order], (M * d_sae, M * R), check_invariants=False)
+    out = (by_latent @ X.reshape(M * R, -1)).view(M, d_sae, -1)
+    w_sum = torch.zeros(M * d_sae, dtype=w.dtype, device=w.device).index_add_(0, latents, flat).view(M, d_sae)
     return out, w_sum

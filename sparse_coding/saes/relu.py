@@ -2,29 +2,36 @@
 
 codes = ReLU(x W_enc + b_enc), unit-norm decoder rows, orthogonal decoder init, encoder initialised like torch's
 nn.Linear (as the original; it lets surplus features die, which the dead-feature heatmap relies on), tied or untied;
-loss = MSE + l1_alpha · L1(codes).
+loss = MSE + l1_alpha · L1(codes). With a free decoder (`decoder_init_norm` > 0; untied only) the rows start at
+that norm, the encoder as their transpose, and L1 weighs each code by its decoder row's norm (Anthropic's April
+2024 update; SAELens' standard SAE).
+
+Dead-latent resampling (`--resample_every`, Bricken et al. 2023, "Towards monosemanticity"): at every multiple
+of resample_every steps, each latent that fired on none of the last `--resample_window` steps' tokens is
+re-initialised towards an input the SAE reconstructs badly (drawn with probability ∝ its squared loss): decoder
+row = that input minus b_dec, normalised; encoder row = the same direction at 0.2 × the mean norm of the living
+encoder rows; bias 0. The trainer then resets those rows' Adam moments.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
-
-if TYPE_CHECKING:
-    from sparse_coding.training.config import SweepConfig
+from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
 
 L1_NORMS = ("dict_size", "none")
 
 
-class ReluSAE(SAE):
+class ReluSAE(PenaltySAE):
     architecture = "relu"
     saelens_architecture = "standard"
     knob = "l1_alpha"
-    options = ("tied", "l1_norm", "decoder_bias")
+    tag_prefix = "l1"
+    can_resample = True
+    options = ("tied", "l1_norm", "decoder_init_norm", "decoder_bias")
 
     def __init__(
         self,
@@ -33,32 +40,31 @@ class ReluSAE(SAE):
         hparams: list[dict[str, Any]],
         tied: bool = False,
         l1_norm: str = "dict_size",
+        decoder_init_norm: float = 0.0,
         decoder_bias: bool = True,
     ):
         """l1_norm: 'dict_size' divides the L1 term by d_sae (as the original toy code did, so one l1 grid
         suits every dictionary size); 'none' uses the plain sum over features."""
         if l1_norm not in L1_NORMS:
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias)
+        if tied and decoder_init_norm > 0:
+            raise ValueError("a tied relu SAE keeps unit-norm decoder rows (decoder_init_norm must be 0)")
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
         self.tied, self.l1_norm = tied, l1_norm
-        self.register_buffer("l1_alpha", torch.tensor([float(h["l1_alpha"]) for h in hparams]))
+        self.register_buffer("steps_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
         with torch.no_grad():  # as the original: orthogonal decoder, nn.Linear's default encoder init
             bound = d_in**-0.5
             for m in range(self.n_models):
                 nn.init.orthogonal_(self.W_dec[m])
-            self.constrain_weights()
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
             self.W_enc.uniform_(-bound, bound)
             self.b_enc.uniform_(-bound, bound)
+            if self.free_decoder:
+                self.W_dec.mul_(decoder_init_norm)
+                self.W_enc.copy_(self.W_dec)
         if tied:
             del self.W_enc  # the encoder is the decoder's transpose; nothing separate to learn
         self._cache = BufferCache()
-
-    @classmethod
-    def knob_values(cls, cfg: SweepConfig) -> list[float]:
-        return cfg.l1_grid()
-
-    def tag(self, m: int) -> str:
-        return f"l1_{self._hparams[m]['l1_alpha']:.4g}"
 
     def encoder(self) -> Tensor:
         return self.W_dec if self.tied else self.W_enc
@@ -70,16 +76,40 @@ class ReluSAE(SAE):
         return 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
 
     def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+        weights = self.decoder_norms() if self.free_decoder else None  # L1 weighted by decoder norms
         x_hat, l1, codes = _ReluSAEStep.apply(
-            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, self.decoder_bias, self._cache
+            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights, self.decoder_bias, self._cache
         )
         mse = (x_hat - x).pow(2).mean(dim=(1, 2))
-        loss = mse + self.l1_alpha * self.l1_scale() * l1
+        loss = mse + self.coefficient() * self.l1_scale() * l1
+        if self.track_firing:
+            with torch.no_grad():
+                self.steps_since_fired.add_(1).masked_fill_(codes.amax(dim=1) > 0, 0)
         if not stats:  # L0 is an extra read of the codes; the trainer asks only when it logs
             return TrainOutput(loss)
         with torch.no_grad():
             l0 = torch.count_nonzero(codes, dim=-1).float().mean(-1)
         return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "l0": l0})
+
+    @torch.no_grad()
+    def resample(self, x: Tensor, window: int, generator: torch.Generator) -> Tensor:
+        """Anthropic's recipe (module docstring) on inputs x [N, d_in]; gives the mask of resampled latents."""
+        dead = self.steps_since_fired >= window
+        if not dead.any():
+            return dead
+        sq_err = torch.cat([(self.decode(self.encode(xb)) - xb).pow(2).sum(-1) for xb in x.split(4096)], dim=1)
+        for m in torch.nonzero(dead.any(-1)).flatten().tolist():
+            rows = dead[m]
+            picks = torch.multinomial(sq_err[m].pow(2), int(rows.sum()), replacement=True, generator=generator)
+            direction = x[picks] - self.b_dec[m]
+            direction /= direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            self.W_dec[m, rows] = direction * (self.decoder_init_norm if self.free_decoder else 1.0)
+            if not self.tied:
+                alive = self.W_enc[m, ~rows].norm(dim=-1)
+                self.W_enc[m, rows] = direction * 0.2 * (alive.mean() if alive.numel() else 1.0)
+            self.b_enc[m, rows] = 0.0
+        self.steps_since_fired.masked_fill_(dead, 0)
+        return dead
 
     def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:
         if not self.tied:
@@ -94,22 +124,28 @@ class _ReluSAEStep(torch.autograd.Function):
     """Dense SAE forward and backward with the [M, B, d_sae] tensors in reused buffers and the ReLU, L1 and
     bias gradients folded into in-place passes; the five matmuls are all that is left of note.
 
-    x: [B, d_in] shared by all M models; W_enc, W_dec: [M, d_sae, d_in]. Returns x_hat [M, B, d_in], l1 [M]
-    (mean over the batch of the summed codes) and the codes themselves (a buffer, valid until the next call).
+    x: [B, d_in] shared by all M models; W_enc, W_dec: [M, d_sae, d_in]; weights: [M, d_sae] or None (each latent's
+    L1 weight, its decoder norm with a free decoder). Returns x_hat [M, B, d_in], l1 [M] (mean over the batch of the
+    summed, weighted codes) and the codes themselves (a buffer, valid until the next call).
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, center: bool, cache: BufferCache):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, weights, center: bool, cache: BufferCache):  # type: ignore[override]
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if center else x.unsqueeze(0).expand(M, -1, -1)
         codes = cache.get("codes", (M, B, F_), x)
         torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=codes)
         codes.relu_()
         x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
-        l1 = codes.sum(dim=(1, 2)) / B  # codes ≥ 0, so the sum is the L1 norm
+        if weights is None:
+            l1 = codes.sum(dim=(1, 2)) / B  # codes ≥ 0, so the sum is the L1 norm
+            code_sums = None
+        else:
+            code_sums = codes.sum(dim=1)
+            l1 = (code_sums * weights).sum(-1) / B
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center = cache.generation, cache, center
-        ctx.save_for_backward(xc, W_enc, W_dec, codes)
+        ctx.save_for_backward(xc, W_enc, W_dec, codes, weights, code_sums)
         ctx.mark_non_differentiable(codes)
         return x_hat, l1, codes
 
@@ -117,11 +153,16 @@ class _ReluSAEStep(torch.autograd.Function):
     def backward(ctx, g_xhat, g_l1, _g_codes):  # type: ignore[override]
         if ctx.generation != ctx.cache.generation:
             raise RuntimeError("a second training forward ran before this one's backward; its buffers are gone")
-        xc, W_enc, W_dec, codes = ctx.saved_tensors
+        xc, W_enc, W_dec, codes, weights, code_sums = ctx.saved_tensors
         M, B, F_ = codes.shape
         g_codes = ctx.cache.get("g_codes", (M, B, F_), codes)
         torch.bmm(g_xhat, W_dec.mT, out=g_codes)
-        g_codes.add_((g_l1 / B)[:, None, None])  # d(l1)/d(codes) = 1/B where codes > 0
+        if weights is None:
+            g_codes.add_((g_l1 / B)[:, None, None])  # d(l1)/d(codes) = 1/B where codes > 0
+            g_weights = None
+        else:
+            g_codes.add_((g_l1 / B)[:, None, None] * weights[:, None, :])
+            g_weights = (g_l1 / B)[:, None] * code_sums
         torch.ops.aten.threshold_backward.grad_input(g_codes, codes, 0.0, grad_input=g_codes)  # ReLU mask
         g_W_enc = torch.bmm(g_codes.mT, xc)
         g_b_enc = g_codes.sum(dim=1)
@@ -129,4 +170,4 @@ class _ReluSAEStep(torch.autograd.Function):
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x - b_dec: its gradient summed over the batch is g_b_enc @ W_enc
             g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_weights, None, None

@@ -37,7 +37,13 @@ def save_sae(
         "normalize_activations": "none",
         "reshape_activations": "none",
         **sae.saelens_cfg(m),
-        "metadata": {"arch": sae.architecture, **sae.hparams(m), **sae.stack_options(), **metadata},
+        "metadata": {
+            "arch": sae.architecture,
+            "training_architecture": sae.saelens_training_architecture or sae.saelens_architecture,
+            **sae.hparams(m),
+            **sae.stack_options(),
+            **metadata,
+        },
     }
     save_tensors(folder / WEIGHTS_FILE, weights)
     if feature_density is not None:  # SAELens stores log10 of each feature's firing frequency

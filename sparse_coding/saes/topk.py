@@ -2,9 +2,9 @@
 Loss = FVU + auxk_alpha · AuxK, where AuxK asks the latents that have been dead for `dead_tokens_threshold`
 tokens to reconstruct the residual. The encoder starts as the decoder's transpose.
 
-The hot path never forms a dense [B, d_sae] gradient: the decoder is an embedding-bag over the k chosen
-rows, and both weight gradients are per-latent sums over the same k entries per token (kernels.latent_sum),
-so a step costs one dense matmul (the encoder forward), the top-k selection and O(B·k·d_in) work.
+The hot path never forms a dense [B, d_sae] gradient (saes/sparse.py): a step costs one dense matmul (the
+encoder forward), the top-k selection and O(B·k·d_in) work. BatchTopK and Matryoshka subclass this class and
+change only the selection and the reconstruction term.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
-from sparse_coding.saes.kernels import fuses_bias, latent_sum, topk_last_dim
+from sparse_coding.saes.kernels import topk_last_dim
+from sparse_coding.saes.sparse import SparseEncode, sparse_decode
 
 if TYPE_CHECKING:
     from sparse_coding.training.config import SweepConfig
@@ -46,11 +46,7 @@ class TopKSAE(SAE):
         self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
         self.register_buffer("k", torch.tensor(ks))
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
-        with torch.no_grad():
-            bound = d_in**-0.5
-            self.W_dec.uniform_(-bound, bound)
-            self.constrain_weights()
-            self.W_enc.copy_(self.W_dec)
+        self.init_transposed()
         self._cache = BufferCache()
 
     @classmethod
@@ -59,6 +55,8 @@ class TopKSAE(SAE):
 
     @classmethod
     def check_sweep(cls, cfg: SweepConfig, dict_sizes: list[int]) -> None:
+        if cfg.decoder_init_norm > 0:
+            raise ConfigError(f"{cls.architecture} keeps unit-norm decoder rows; --decoder_init_norm must be 0")
         if max(cfg.k_values) > min(dict_sizes):
             raise ConfigError(f"k={max(cfg.k_values)} is larger than the smallest dictionary ({min(dict_sizes)})")
 
@@ -87,131 +85,53 @@ class TopKSAE(SAE):
         vals, idx = self.select(self.pre_acts(x))
         return torch.zeros(*vals.shape[:2], self.d_sae, device=x.device, dtype=vals.dtype).scatter_(-1, idx, vals)
 
+    def decode_entries(self, vals: Tensor, idx: Tensor, n_tokens: int) -> Tensor:
+        """The selected entries (either layout, see saes/sparse.py) → their reconstruction [M, B, d_in], no bias."""
+        return sparse_decode(vals, idx, self.decoder())
+
+    def latents(self, idx: Tensor) -> Tensor:
+        """The latent index of each selected entry (for the per-row layout, idx itself)."""
+        return idx
+
+    def reconstruction_loss(
+        self, x: Tensor, vals: Tensor, idx: Tensor, total_variance: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Gives the reconstruction term of the loss [M], the full reconstruction's error [M, B, d_in] (AuxK's
+        target) and the term's parts for the training log: here FVU, the squared error over the variance."""
+        err = self.decode_entries(vals, idx, x.shape[0]) + self.b_dec[:, None, :] - x
+        sq_err = err.pow(2).sum(dim=(1, 2))
+        fvu = sq_err / total_variance
+        return fvu, err, {"mse": sq_err.detach() / err[0].numel(), "fvu": fvu.detach()}
+
+    @torch.no_grad()
+    def record_firing(self, vals: Tensor, idx: Tensor, n_tokens: int) -> None:
+        """Restarts the silence count of every latent a token's code used (vals: the selected values)."""
+        # Counts, not a boolean scatter: a latent chosen by several tokens, positive for some and zero for
+        # others, must come out as fired whichever write lands last.
+        fires = torch.zeros(self.n_models, self.d_sae, device=vals.device, dtype=torch.float32)
+        lat = self.latents(idx).reshape(self.n_models, -1)
+        fired = fires.scatter_add_(-1, lat, (vals > 0).reshape(self.n_models, -1).float()) > 0
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
     def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
         M, B = self.n_models, x.shape[0]
-        W_dec = self.decoder()
         dead = self.tokens_since_fired >= self.dead_tokens_threshold  # [M, d_sae]
         n_dead = dead.sum(-1)
         k_aux = min(self.d_in // 2, int(n_dead.max()))
-        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
+        vals, idx, aux_vals, aux_idx = SparseEncode.apply(
             x, self.W_enc, self.b_enc, self.b_dec, self, dead if k_aux > 0 else None, k_aux
         )
-        x_hat = sparse_decode(vals, idx, W_dec) + self.b_dec[:, None, :]
-        err = x_hat - x
         total_variance = (x - x.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
-        sq_err = err.pow(2).sum(dim=(1, 2))
-        fvu = sq_err / total_variance
-        loss, auxk = fvu, None
+        loss, err, parts = self.reconstruction_loss(x, vals, idx, total_variance)
         if k_aux > 0:
-            e_hat = sparse_decode(aux_vals, aux_idx, W_dec)
+            e_hat = sparse_decode(aux_vals, aux_idx, self.decoder())
             auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
             scale = (n_dead.float() / (self.d_in // 2)).clamp(max=1.0)
             loss = loss + self.auxk_alpha * scale * auxk
-        with torch.no_grad():
-            # Counts, not a boolean scatter: a latent chosen by several tokens, positive for some and zero for
-            # others, must come out as fired whichever write lands last.
-            fires = torch.zeros(M, self.d_sae, device=x.device, dtype=torch.float32)
-            fired = fires.scatter_add_(-1, idx.reshape(M, -1), (vals > 0).reshape(M, -1).float()) > 0
-            self.tokens_since_fired.add_(B).masked_fill_(fired, 0)
+            parts["auxk"] = auxk.detach()
+        self.record_firing(vals.detach(), idx, B)
         if not stats:
             return TrainOutput(loss)
-        parts = {
-            "mse": sq_err.detach() / err[0].numel(),
-            "fvu": fvu.detach(),
-            "l0": (vals > 0).sum(-1).float().mean(-1),
-            "dead": n_dead.float(),  # latents AuxK counts as dead at this step
-        }
-        if auxk is not None:
-            parts["auxk"] = auxk.detach()
+        parts["l0"] = (vals > 0).reshape(M, -1).sum(-1).float() / B
+        parts["dead"] = n_dead.float()  # latents AuxK counts as dead at this step
         return TrainOutput(loss, parts)
-
-
-def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """vals, idx: [M, B, k], W_dec: [M, d_sae, d_in] → Σ_k vals · W_dec[idx], [M, B, d_in] (no bias).
-
-    embedding_bag gives the output and the gradient of vals; the decoder's gradient comes from latent_sum over
-    the same k entries per token (a fifth of embedding_bag's own dense scatter backward here)."""
-    M, B, k = idx.shape
-    d_sae, d_in = W_dec.shape[1:]
-    offsets = (torch.arange(M, device=idx.device) * d_sae)[:, None, None]
-    out = F.embedding_bag(
-        (idx + offsets).reshape(M * B, k),
-        W_dec.detach().reshape(M * d_sae, d_in),
-        per_sample_weights=vals.reshape(M * B, k),
-        mode="sum",
-    )
-    return _DecoderGrad.apply(out.view(M, B, d_in), vals.detach(), idx, W_dec)
-
-
-class _DecoderGrad(torch.autograd.Function):
-    """Passes the decoder output through and gives W_dec its gradient, Σ over tokens that chose a latent of
-    vals · g_out[token]."""
-
-    @staticmethod
-    def forward(ctx, out, vals, idx, W_dec):  # type: ignore[override]
-        ctx.save_for_backward(vals, idx)
-        ctx.d_sae = W_dec.shape[1]
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, g_out):  # type: ignore[override]
-        vals, idx = ctx.saved_tensors
-        return g_out, None, None, latent_sum(idx, vals, g_out, ctx.d_sae)[0]
-
-
-def _top_dead(pre: Tensor, dead: Tensor, k_aux: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """pre (+ bias): [M, B, d_sae], dead: [M, d_sae] → the k_aux largest pre-activations among each model's
-    dead latents (ReLU'd; 0 where a model has fewer than k_aux), sorted, and their latent indices. Gathers the
-    dead columns first, so a handful of dead latents costs a handful of columns, not a pass over all of pre."""
-    M, B, _ = pre.shape
-    n_dead = dead.sum(-1)
-    D = int(n_dead.max())
-    cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :D]  # dead latents first, in order
-    sub = pre.gather(-1, cols[:, None, :].expand(M, B, D))
-    if bias is not None:
-        sub += bias.gather(-1, cols)[:, None, :]
-    sub.masked_fill_((torch.arange(D, device=pre.device) >= n_dead[:, None])[:, None, :], float("-inf"))
-    vals, pos = topk_last_dim(sub, k_aux)  # sorted: see select()
-    return vals.relu(), cols.gather(-1, pos.reshape(M, -1)).view(M, B, k_aux)
-
-
-class _TopKEncode(torch.autograd.Function):
-    """Encoder forward (one dense matmul into a reused buffer, then top-k; optionally the AuxK top-k over
-    dead latents from the same pre-activations) with a backward that touches only the selected entries."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, sae: TopKSAE, dead: Tensor | None, k_aux: int):  # type: ignore[override]
-        cache: BufferCache = sae._cache
-        M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
-        pre = cache.get("pre", (M, B, F_), x)
-        # Where the top-k adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
-        bias = b_enc if fuses_bias(pre) else None
-        if bias is None:
-            torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
-        else:
-            torch.bmm(xc, W_enc.mT, out=pre)
-        vals, idx = sae.select(pre, bias)
-        if dead is not None:
-            aux_vals, aux_idx = _top_dead(pre, dead, k_aux, bias)
-        else:
-            aux_vals = x.new_zeros(M, B, 0)
-            aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)
-        ctx.center = sae.decoder_bias
-        ctx.save_for_backward(xc, W_enc, vals, idx, aux_vals, aux_idx)
-        ctx.mark_non_differentiable(idx, aux_idx)
-        return vals, idx, aux_vals, aux_idx
-
-    @staticmethod
-    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
-        xc, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
-        F_ = W_enc.shape[1]
-        if g_aux is None or aux_idx.shape[-1] == 0:
-            g, sel = g_vals * (vals > 0), idx
-        else:
-            g = torch.cat([g_vals * (vals > 0), g_aux * (aux_vals > 0)], dim=-1)
-            sel = torch.cat([idx, aux_idx], dim=-1)
-        # W_enc.grad[m, j] = Σ over (token, slot) that chose j of g · xc[token]; b_enc.grad[m, j] = Σ g.
-        g_W_enc, g_b_enc = latent_sum(sel, g, xc, F_)
-        g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
-        return None, g_W_enc, g_b_enc, g_b_dec, None, None, None

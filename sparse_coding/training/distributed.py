@@ -7,7 +7,9 @@ Two ways to split the work, both reading the same activation chunks in the same 
 - "data": every rank holds every SAE and trains it on its 1/N slice of each batch; gradients are averaged across
   ranks (DDP-style), which equals one process on the whole batch for mean-over-batch losses (relu's MSE + L1).
   For TopK it is an approximation: FVU is normalised by each slice's own variance, and dead latents (AuxK) are
-  judged on each rank's own tokens.
+  judged on each rank's own tokens; BatchTopK selects the top k·B/N of each rank's slice and each rank keeps its
+  own threshold estimate (rank 0's is the one evaluated and saved); JumpReLU's FVU is normalised per slice as
+  TopK's is; gated's loss, a mean over the batch like relu's, splits exactly.
 gloo on CPU, nccl on CUDA. Metadata crosses ranks as JSON in uint8 tensors (nothing is pickled).
 """
 

@@ -16,16 +16,21 @@ from sparse_coding.files import load_optimizer_tensors, optimizer_tensors
 from sparse_coding.saes import SAE
 from sparse_coding.training.checkpoint import load_checkpoint, save_checkpoint
 from sparse_coding.training.config import SweepConfig
+from sparse_coding.training.schedule import Schedule, input_scale
 
 # Per stack, per model [M]: the loss and its parts (mse, l0, l1 or fvu/auxk, ...), as the SAE gives them.
 StepLog = list[dict[str, Tensor]]
 
 
 def build_stacks(cfg: SweepConfig, d_in: int, device: torch.device) -> list[SAE]:
-    """Gives one stack per dictionary size, smallest first, each holding every grid point's SAE."""
+    """Gives one stack per architecture and dictionary size (architecture-major, smallest size first), each
+    holding every grid point's SAE."""
     torch.manual_seed(cfg.seed)
-    grid, options = cfg.hparam_grid(), cfg.sae_options()
-    return [cfg.sae_cls(d_in, size, grid, **options).to(device) for size in cfg.dict_sizes(d_in)]
+    return [
+        cls(d_in, size, cfg.hparam_grid(cls), **cfg.sae_options(cls)).to(device)
+        for cls in cfg.sae_classes()
+        for size in cfg.dict_sizes(d_in)
+    ]
 
 
 class BatchSource(Protocol):
@@ -37,7 +42,8 @@ class BatchSource(Protocol):
 
 
 class Trainer:
-    """Steps every stack on the same batch; one fused Adam over all parameters."""
+    """Steps every stack on the same batch; one fused Adam over all parameters; the learning rate and the
+    sparsity coefficients follow `schedule`; inputs are multiplied by `input_scale` once it is set."""
 
     def __init__(
         self,
@@ -45,22 +51,29 @@ class Trainer:
         lr: float,
         sync: Callable[[list[Tensor]], None] | None = None,
         init_b_dec: bool = True,
+        schedule: Schedule | None = None,
     ):
         """sync, when given, averages tensors in place across data-parallel processes (b_dec's data-mean start,
-        then every step's gradients). init_b_dec=False keeps b_dec as loaded (continuing saved SAEs)."""
+        the input scale, then every step's gradients). init_b_dec=False keeps b_dec as loaded (continuing
+        saved SAEs). Without a schedule the learning rate stays lr and the sparsity coefficients whole."""
         self.stacks, self.sync, self.init_b_dec = stacks, sync, init_b_dec
+        self.schedule = schedule or Schedule(n_steps=1, lr=lr)
         self.params = [p for s in stacks for p in s.parameters()]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.opt = torch.optim.Adam(self.params, lr=lr, fused=fused)
         self.step_count = 0
+        self.input_scale: Tensor | None = None  # [1] float64, once normalisation is estimated
 
     def step(self, x: Tensor, stats: bool = False) -> StepLog:
         """One optimizer step on x: [B, d_in]; gives per-stack training stats when asked (else empty dicts)."""
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         if self.step_count == 0 and self.init_b_dec:
             for s in self.stacks:
                 s.init_b_dec(x)
             if self.sync is not None:
                 self.sync([s.b_dec.data for s in self.stacks])
+        self.apply_schedule()
         logs = []
         for s in self.stacks:  # backward per stack frees its activations before the next stack runs
             out = s.train_forward(x, stats=stats)
@@ -77,8 +90,52 @@ class Trainer:
         self.step_count += 1
         return logs
 
+    def apply_schedule(self) -> None:
+        """Sets this step's learning rate and sparsity-coefficient fraction (both functions of the step)."""
+        if not self.schedule.constant_lr:
+            for group in self.opt.param_groups:
+                group["lr"] = self.schedule.lr_at(self.step_count)
+        for s in self.stacks:
+            s.sparsity_scale = self.schedule.sparsity_at(self.step_count)
+
+    def set_input_scale(self, scale: Tensor) -> None:
+        """Starts multiplying inputs by scale ([1]; averaged across data-parallel processes). SAEs continued from
+        saved ones, which take raw inputs, are first moved into the scaled space."""
+        scale = scale.to(self.params[0].device, torch.float64)
+        if self.sync is not None:
+            self.sync([scale])
+        self.input_scale = scale
+        if not self.init_b_dec:
+            for s in self.stacks:
+                s.fold_input_scale(1 / float(scale))
+
+    def export_stacks(self) -> list[SAE]:
+        """Gives the stacks as they should be evaluated and saved: on raw activations (copies with the input scale
+        folded in), or the stacks themselves when inputs are not scaled."""
+        if self.input_scale is None:
+            return self.stacks
+        return [s.folded(float(self.input_scale)) for s in self.stacks]
+
+    @torch.no_grad()
+    def resample(self, batches: list[Tensor], window: int, seed: int) -> None:
+        """Re-initialises each stack's latents silent for `window` steps towards inputs from batches that it
+        reconstructs badly, and clears those rows' Adam moments (architectures that resample; see relu.py)."""
+        x = torch.cat(batches)
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + self.step_count)
+        for s in self.stacks:
+            dead = s.resample(x, window, generator)
+            for p in s.latent_parameters():
+                state = self.opt.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][dead] = 0
+
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"stack{i}.{k}": v for i, s in enumerate(self.stacks) for k, v in s.state_dict().items()}
+        if self.input_scale is not None:
+            tensors["trainer.input_scale"] = self.input_scale
         return {**tensors, **optimizer_tensors(self.opt, "opt")}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
@@ -86,6 +143,7 @@ class Trainer:
             prefix = f"stack{i}."
             s.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         load_optimizer_tensors(self.opt, tensors, "opt")
+        self.input_scale = tensors.get("trainer.input_scale")
         self.step_count = step
 
 
@@ -99,15 +157,23 @@ def train(
     progress: bool = True,
 ) -> None:
     """Runs trainer to cfg.n_steps, resuming from ckpt_dir when a checkpoint of the same fingerprint is there;
-    calls on_log(step, logs) every cfg.log_every steps and at the last."""
+    calls on_log(step, logs) every cfg.log_every steps and at the last. Before the first step it estimates the
+    input scale (normalize_activations); after every resample_every-th it resamples dead latents."""
     if ckpt_dir is not None:
         resume(trainer, source, ckpt_dir, fingerprint)
+    if cfg.normalize_activations and trainer.input_scale is None:
+        trainer.set_input_scale(input_scale([source.next_batch(cfg.batch_size) for _ in range(cfg.norm_batches)]))
+    for s in trainer.stacks:
+        s.track_firing = cfg.resample_every > 0
     bar = tqdm(total=cfg.n_steps, initial=trainer.step_count, desc="training", disable=not progress, unit="step")
     for step in range(trainer.step_count, cfg.n_steps):
         log_now = on_log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.n_steps)
         logs = trainer.step(source.next_batch(cfg.batch_size), stats=log_now)
         if log_now and on_log is not None:
             on_log(step + 1, logs)
+        if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 < trainer.schedule.n_steps:
+            batches = [source.next_batch(cfg.batch_size) for _ in range(cfg.resample_batches)]
+            trainer.resample(batches, cfg.resample_window or cfg.resample_every, cfg.seed)
         bar.update(1)
         if ckpt_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             data = {f"data.{k}": v for k, v in source.get_state().items()}

@@ -9,6 +9,8 @@ import pytest
 from procs import kill_after_checkpoint
 
 import replicate_toy_models
+from sparse_coding.pipelines.toy import ARCHS_PLOT
+from sparse_coding.saes import SAES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {
@@ -61,6 +63,24 @@ def test_smoke_run_writes_the_contract(tmp_path, arch):
     json.loads((tmp_path / "config.json").read_text())
 
 
+def test_every_architecture_in_one_sweep(tmp_path):
+    """--arch all: every registered architecture trains on the same batches; rows, SAE folders and one figure of
+    MMCS, FVU and dead latents against L0."""
+    replicate_toy_models.main(["--preset", "smoke", "--arch", "all", "--out", str(tmp_path), "--n_steps", "30"])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["arch"] for r in runs} == set(SAES)
+    for arch in SAES:
+        mine = [r for r in runs if r["arch"] == arch]
+        knob = SAES[arch].knob
+        assert all(r["knob"] == knob and r[knob] is not None for r in mine)
+        assert {r["dict_size"] for r in mine} == {16, 32, 64}
+        largest = [r for r in mine if r["dict_size"] == 64]
+        assert all(r["mmcs_with_larger"] is None for r in largest)
+        assert all(r["mmcs_with_larger"] is not None for r in mine if r["dict_size"] < 64)
+    assert (tmp_path / ARCHS_PLOT).stat().st_size > 1000 and not (tmp_path / "mmcs_matrix.png").exists()
+    assert len(list((tmp_path / "saes").iterdir())) == len(runs)
+
+
 def test_killed_run_resumes_to_the_same_results(tmp_path):
     args = ["--preset", "smoke", "--n_steps", "400", "--checkpoint_every", "50"]
     assert _cli(*args, "--out", str(tmp_path / "unbroken")).returncode == 0
@@ -96,7 +116,11 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
         (["--dict_ratio_exp_base", "0"], "dict_ratio_exp_base must be > 0"),
         (["--dict_ratio_exp_low", "-9"], "every size must be"),
         (["--arch", "topk", "--k_values", "100"], "larger than the smallest dictionary"),
-        (["--arch", "gated"], "unknown architecture"),
+        (["--arch", "nope"], "unknown architecture"),
+        (["--arch", "topk", "--decoder_init_norm", "0.1"], "keeps unit-norm decoder rows"),
+        (["--arch", "gated", "--resample_every", "10"], "only relu SAEs resample"),
+        (["--arch", "matryoshka", "--matryoshka_widths", "8", "4"], "strictly increasing"),
+        (["--lr_warmup_steps", "50", "--lr_decay_steps", "20"], "must not exceed n_steps"),
         (["--preset", "huge"], "invalid choice"),
         (["--batch_size", "0"], "batch_size must be > 0"),
         (["--config", "/nonexistent.yaml"], "not found"),

@@ -1,13 +1,15 @@
 """SAE folders in the SAELens layout: our loader and SAELens' own both reconstruct identically."""
 
+import importlib
 import json
 
 import pytest
 import torch
 from sae_lens import SAE as SAELensSAE
+from safetensors.torch import load_file
 
 from sparse_coding.errors import SAEFolderError
-from sparse_coding.saes import build_sae
+from sparse_coding.saes import SAES, build_sae
 from sparse_coding.saes.saelens import load_sae, save_sae
 
 
@@ -17,6 +19,9 @@ def _trained_like(arch, hp, **opts):
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
         sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc)) if "W_enc" in dict(sae.named_parameters()) else None
+        for name in ("threshold", "r_mag", "b_mag"):  # the architectures' own parameters and buffers
+            if hasattr(sae, name):
+                getattr(sae, name).uniform_(0.0, 0.1)
     return sae
 
 
@@ -27,6 +32,12 @@ def _trained_like(arch, hp, **opts):
         ("relu", {"l1_alpha": 0.5}, {"tied": True}),
         ("relu", {"l1_alpha": 0.5}, {"decoder_bias": False}),
         ("topk", {"k": 4}, {}),
+        ("batchtopk", {"k": 4}, {}),
+        ("matryoshka", {"k": 4}, {"matryoshka_widths": [6, 12]}),
+        ("jumprelu", {"l0_coef": 0.5}, {}),
+        ("jumprelu", {"l0_coef": 0.5}, {"decoder_init_norm": 0.1}),
+        ("gated", {"l1_alpha": 0.5}, {}),
+        ("relu", {"l1_alpha": 0.5}, {"decoder_init_norm": 0.1}),
     ],
 )
 def test_saved_sae_loads_in_saelens_and_here_identically(tmp_path, arch, hp, opts):
@@ -50,9 +61,42 @@ def test_saved_sae_loads_in_saelens_and_here_identically(tmp_path, arch, hp, opt
         assert torch.allclose(theirs.decode(theirs.encode(x)), x_hat, atol=1e-5)
 
         ours, _ = load_sae(folder)
+        assert type(ours) is type(sae) and ours.hparams(0) == sae.hparams(1)
         assert torch.allclose(ours.encode(x)[0], codes, atol=1e-6)
         assert torch.allclose(ours.decode(ours.encode(x))[0], x_hat, atol=1e-6)
+        assert (codes > 0).any() and (codes == 0).any()  # the comparison saw firing and silent latents
     assert (folder / "sparsity.safetensors").is_file()
+
+
+SAELENS_TRAINING = {  # SAELens' own training class and config for each of our architectures
+    "relu": ("standard_sae", "StandardTrainingSAE", {}),
+    "topk": ("topk_sae", "TopKTrainingSAE", {"k": 4}),
+    "batchtopk": ("batchtopk_sae", "BatchTopKTrainingSAE", {"k": 4}),
+    "matryoshka": (
+        "matryoshka_batchtopk_sae",
+        "MatryoshkaBatchTopKTrainingSAE",
+        {"k": 4, "matryoshka_widths": [6, 24]},
+    ),
+    "jumprelu": ("jumprelu_sae", "JumpReLUTrainingSAE", {}),
+    "gated": ("gated_sae", "GatedTrainingSAE", {}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SAELENS_TRAINING))
+def test_our_folder_is_the_one_saelens_writes(tmp_path, arch):
+    """Same cfg.json fields, architecture names and tensors (names, shapes) as SAELens' save_inference_model."""
+    module, name, fields = SAELENS_TRAINING[arch]
+    mod = importlib.import_module(f"sae_lens.saes.{module}")
+    theirs = getattr(mod, name)(getattr(mod, name + "Config")(d_in=8, d_sae=24, **fields))
+    theirs.save_inference_model(tmp_path / "theirs")
+    hp = {"k": 4} if "k" in fields else {SAES[arch].knob: 0.5}
+    save_sae(tmp_path / "ours", build_sae(arch, 8, 24, [hp]), 0, {"model_name": "toy", "hook_name": "h"})
+    cfgs = [json.loads((tmp_path / who / "cfg.json").read_text()) for who in ("theirs", "ours")]
+    assert cfgs[0].keys() == cfgs[1].keys() and cfgs[0]["architecture"] == cfgs[1]["architecture"]
+    for key in ("training_architecture",):
+        assert cfgs[0]["metadata"][key] == cfgs[1]["metadata"][key]
+    tensors = [load_file(tmp_path / who / "sae_weights.safetensors") for who in ("theirs", "ours")]
+    assert {k: v.shape for k, v in tensors[0].items()} == {k: v.shape for k, v in tensors[1].items()}
 
 
 def test_loading_a_folder_that_is_not_an_sae_says_so(tmp_path):

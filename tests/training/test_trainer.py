@@ -8,19 +8,15 @@ import torch
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator
 from sparse_coding.errors import CheckpointError
 from sparse_coding.pipelines.toy import ToySource, smoke
-from sparse_coding.saes import build_sae
+from sparse_coding.saes import SAES, build_sae
+from sparse_coding.training.schedule import Schedule
 from sparse_coding.training.trainer import Trainer, build_stacks, train
 
 
-@pytest.mark.parametrize(
-    "arch,grid",
-    [
-        ("relu", [{"l1_alpha": 0.01}, {"l1_alpha": 1.0}, {"l1_alpha": 10.0}]),
-        ("topk", [{"k": 2}, {"k": 3}, {"k": 5}]),
-    ],
-)
-def test_stacked_models_train_like_separate_ones(arch, grid):
+@pytest.mark.parametrize("arch", sorted(SAES))
+def test_stacked_models_train_like_separate_ones(arch):
     d, f = 8, 16
+    grid = [{SAES[arch].knob: v} for v in ((2, 3, 5) if SAES[arch].knob == "k" else (0.01, 1.0, 10.0))]
     stack = build_sae(arch, d, f, grid)
     singles = [build_sae(arch, d, f, [hp]) for hp in grid]
     for m, single in enumerate(singles):
@@ -37,28 +33,47 @@ def test_stacked_models_train_like_separate_ones(arch, grid):
             assert torch.allclose(p[0], getattr(stack, name)[m], atol=1e-5), (m, name)
 
 
-def _setup(arch, n_steps):
-    cfg = dataclasses.replace(
-        smoke(), arch=arch, n_steps=n_steps, checkpoint_every=10, k_values=[2, 3], dead_tokens_threshold=512
+# Everything that changes over a run switched on: lr warm-up and cosine decay, sparsity warm-up, normalisation,
+# and (relu) resampling, so a resumed run must get each of them right from the checkpoint.
+SCHEDULES = {
+    "lr_warmup_steps": 5,
+    "lr_decay_steps": 12,
+    "lr_decay": "cosine",
+    "lr_end": 1e-4,
+    "sparsity_warmup_steps": 15,
+    "normalize_activations": True,
+    "norm_batches": 2,
+}
+
+
+def _setup(arch, n_steps, **overrides):
+    """The full run's trainer (its schedule spans 40 steps) and a config that stops after n_steps."""
+    full = dataclasses.replace(
+        smoke(), arch=arch, n_steps=40, checkpoint_every=10, k_values=[2, 3], dead_tokens_threshold=512, **overrides
     )
     gen = ToyGenerator(ToyDataConfig(activation_dim=16, n_ground_truth=32, mean_active=3.0), seed=0)
-    stacks = build_stacks(cfg, 16, torch.device("cpu"))
-    return cfg, Trainer(stacks, lr=cfg.lr), ToySource(gen)
+    stacks = build_stacks(full, 16, torch.device("cpu"))
+    trainer = Trainer(stacks, lr=full.lr, schedule=Schedule.from_config(full))
+    return dataclasses.replace(full, n_steps=n_steps), trainer, ToySource(gen)
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_killed_run_resumes_to_identical_weights(tmp_path, arch):
-    cfg, trainer, source = _setup(arch, 40)
+@pytest.mark.parametrize("arch", sorted(SAES))
+@pytest.mark.parametrize("schedules", [False, True])
+def test_killed_run_resumes_to_identical_weights(tmp_path, arch, schedules):
+    overrides = SCHEDULES | ({"resample_every": 10, "resample_window": 3} if arch == "relu" else {})
+    overrides = overrides if schedules else {}
+    cfg, trainer, source = _setup(arch, 40, **overrides)
     train(trainer, source, cfg, tmp_path / "a", "fp", progress=False)
     unbroken = trainer.state_tensors()
 
-    cfg, trainer, source = _setup(arch, 25)  # "killed" at step 25: the last checkpoint is step 20
+    cfg, trainer, source = _setup(arch, 25, **overrides)  # "killed" at step 25: the last checkpoint is step 20
     train(trainer, source, cfg, tmp_path / "b", "fp", progress=False)
-    cfg, trainer, source = _setup(arch, 40)
+    cfg, trainer, source = _setup(arch, 40, **overrides)
     train(trainer, source, cfg, tmp_path / "b", "fp", progress=False)
     assert trainer.step_count == 40
     resumed = trainer.state_tensors()
     assert unbroken.keys() == resumed.keys()
+    assert ("trainer.input_scale" in resumed) == schedules
     for k in unbroken:
         assert torch.equal(unbroken[k], resumed[k]), k
 

@@ -1,0 +1,252 @@
+"""Our SAEs against SAELens' on the same activations, tokens and evaluation.
+
+For each architecture, our SAE and SAELens' SAE of the same size and knob train on the same batches (the same
+ChunkSource order over one stored activation set: the tiny model's MLP neurons at layer 1, cached here if
+missing; a toy set with known features if the tiny model is not there). SAELens trains through its own
+SAETrainer twice: with its recommended defaults (its learning rate 3e-4, decoder_init_norm 0.1, gradient
+clipping, ...) and at our learning rate (the fair match). Every SAE is then saved as a SAELens folder and read
+back with `sae_lens.SAE.load_from_disk`, so one evaluation (the same code, SAELens' own inference forms) scores all
+on the held-out chunk: FVU, L0 and dead latents (never fired there). tokens_per_s is each training loop's own
+rate, batches included, measured in this process.
+
+relu has no k to fix L0, so ours is trained at three l1 values bracketing SAELens' l1_coefficient (mapped by
+l1_alpha = l1_coefficient · d_sae / d_in, which makes the two losses agree for unit decoder norms) and our FVU is
+interpolated, in log L0, at each SAELens run's L0 ("l0" then is that L0, "interpolated": true); our tokens_per_s
+is then one of those SAEs trained alone for --timing_steps steps.
+
+Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr",
+"ours": {"tokens_per_s", "fvu", "l0", "dead"}, "saelens": {same keys}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sparse_coding.activations.batches import ChunkSource  # noqa: E402
+from sparse_coding.activations.caching import CacheConfig, prepare_activations  # noqa: E402
+from sparse_coding.activations.store import ActivationDataset  # noqa: E402
+from sparse_coding.data.toy import ToyDataConfig, ToyGenerator  # noqa: E402
+from sparse_coding.models.language_model import load_language_model  # noqa: E402
+from sparse_coding.pipelines.lm import RunConfig  # noqa: E402
+from sparse_coding.saes import sae_class  # noqa: E402
+from sparse_coding.saes.matryoshka import level_widths  # noqa: E402
+from sparse_coding.saes.saelens import save_sae  # noqa: E402
+from sparse_coding.training.schedule import Schedule  # noqa: E402
+from sparse_coding.training.trainer import Trainer  # noqa: E402
+from utils import tune_allocator  # noqa: E402
+
+SAELENS_DEFAULT_LR = 3e-4  # SAETrainerConfig's and LanguageModelSAERunnerConfig's default
+# Our architecture → SAELens' training module and class, and its config fields for our knob's value.
+SAELENS = {
+    "topk": ("topk_sae", "TopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
+    "batchtopk": ("batchtopk_sae", "BatchTopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
+    "matryoshka": (
+        "matryoshka_batchtopk_sae",
+        "MatryoshkaBatchTopKTrainingSAE",
+        lambda k, d_sae: {"k": int(k), "matryoshka_widths": level_widths(d_sae, None)},
+    ),
+    "relu": ("standard_sae", "StandardTrainingSAE", lambda c, d_sae: {"l1_coefficient": c}),
+    "gated": ("gated_sae", "GatedTrainingSAE", lambda c, d_sae: {"l1_coefficient": c}),
+    "jumprelu": ("jumprelu_sae", "JumpReLUTrainingSAE", lambda c, d_sae: {"l0_coefficient": c}),
+}
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def activation_store(args: argparse.Namespace) -> ActivationDataset | None:
+    """The tiny model's activations, enough chunks for --tokens plus one held out (cached here if missing)."""
+    if not Path(args.model_name).is_dir():
+        return None
+    chunk = 131_072
+    cfg = CacheConfig(model_name=args.model_name, n_chunks=math.ceil(args.tokens / chunk) + 1, chunk_size_tokens=chunk)
+    lm = load_language_model(cfg.model_name, torch.device("cpu"))
+    return prepare_activations(cfg, lm, lm.hook_for(cfg.layer, cfg.layer_loc), progress=False)
+
+
+class ToyChunks:
+    """Stands in for the store when the tiny model is missing: toy activations, d 512, 4096 true features."""
+
+    def __init__(self, seed: int):
+        self.cfg = ToyDataConfig(activation_dim=512, n_ground_truth=4096, mean_active=32.0, feature_decay=0.999)
+        self.seed = seed
+        self.d = 512
+
+    def batches(self, batch: int) -> Iterator[Tensor]:
+        gen = ToyGenerator(self.cfg, seed=0, sample_seed=self.seed)
+        while True:
+            yield gen.sample(batch)[0]
+
+    def held_out(self, n: int) -> Tensor:
+        return ToyGenerator(self.cfg, seed=0, sample_seed=10**6).sample(n)[0]
+
+
+def batch_stream(data: ActivationDataset | ToyChunks, batch: int, seed: int) -> Iterator[Tensor]:
+    """The same batches in the same order for every SAE trained (a fresh stream per call)."""
+    if isinstance(data, ToyChunks):
+        yield from data.batches(batch)
+        return
+    source = ChunkSource(data, list(range(data.n_chunks - 1)), seed, torch.device("cpu"), mix_chunks=2)
+    while True:
+        yield source.next_batch(batch)
+
+
+def held_out(data: ActivationDataset | ToyChunks) -> Tensor:
+    return data.held_out(131_072) if isinstance(data, ToyChunks) else data.load_chunk(data.n_chunks - 1)[0].float()
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+def train_ours(
+    arch: str, knobs: list[float], d: int, args: argparse.Namespace, data: Any, folder: Path, steps: int
+) -> tuple[list[Path], float]:
+    """Trains our stack of one SAE per knob value (run.py's defaults otherwise) for `steps` steps; gives their
+    saved folders and the loop's tokens/s."""
+    cfg = RunConfig(arch=arch, lr=args.lr, batch_size=args.batch, n_steps=steps, device="cpu")
+    cls = sae_class(arch)
+    torch.manual_seed(args.seed)
+    stack = cls(d, args.d_sae, [{cls.knob: v} for v in knobs], **cfg.sae_options())
+    trainer = Trainer([stack], lr=args.lr, schedule=Schedule.from_config(cfg))
+    batches = batch_stream(data, args.batch, args.seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(next(batches))
+    rate = steps * args.batch / (time.perf_counter() - start)
+    meta = {"model_name": args.model_name, "hook_name": "bench", "lr": args.lr, "n_steps": steps}
+    paths = [save_sae(folder / f"ours_{arch}_{m}", stack, m, meta) for m in range(stack.n_models)]
+    return paths, rate
+
+
+def train_saelens(
+    arch: str, knob: float, d: int, lr: float, args: argparse.Namespace, data: Any, folder: Path
+) -> tuple[Path, float]:
+    """Trains SAELens' SAE through its SAETrainer (its defaults, at lr) on the same batches; saves its inference
+    form; gives the folder and tokens/s."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    module, name, fields = SAELENS[arch]
+    mod = importlib.import_module(f"sae_lens.saes.{module}")
+    sae = getattr(mod, name)(getattr(mod, name + "Config")(d_in=d, d_sae=args.d_sae, **fields(knob, args.d_sae)))
+    steps = args.tokens // args.batch
+    trainer_cfg = SAETrainerConfig(  # lr_end as LanguageModelSAERunnerConfig sets it (unused: constant lr)
+        total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=lr, lr_end=lr / 10
+    )
+    trainer = SAETrainer(trainer_cfg, sae, batch_stream(data, args.batch, args.seed))
+    start = time.perf_counter()
+    trainer.fit()
+    rate = steps * args.batch / (time.perf_counter() - start)
+    path = folder / f"saelens_{arch}_{lr:g}"
+    sae.save_inference_model(path)
+    return path, rate
+
+
+# --- one evaluation for all --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score(folder: Path, x: Tensor) -> dict[str, float]:
+    """FVU, mean L0 and dead latents (never fired) on held-out x [N, d], through SAELens' loader and forms."""
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(folder))
+    sq_err, l0, fired = 0.0, 0.0, None
+    for xb in x.split(4096):
+        codes = sae.encode(xb)
+        sq_err += float((sae.decode(codes) - xb).double().pow(2).sum())
+        l0 += float((codes != 0).sum())
+        fired = (codes != 0).any(0) if fired is None else fired | (codes != 0).any(0)
+    total = float((x.double() - x.double().mean(0)).pow(2).sum())
+    return {"fvu": sq_err / total, "l0": l0 / x.shape[0], "dead": int((~fired).sum())}
+
+
+def interpolate_at_l0(points: list[dict[str, float]], l0: float) -> dict[str, Any]:
+    """Our FVU at L0 l0, linear in log L0 between the two bracketing runs (the nearest two if none brackets);
+    dead latents from the run whose L0 is nearest."""
+    pts = sorted(points, key=lambda p: p["l0"])
+    hi = next((i for i, p in enumerate(pts) if p["l0"] >= l0), len(pts) - 1)
+    a, b = pts[max(0, hi - 1)], pts[max(1, hi)]
+    t = (math.log(l0) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
+    nearest = min(pts, key=lambda p: abs(math.log(p["l0"] / l0)))
+    return {
+        "fvu": a["fvu"] + t * (b["fvu"] - a["fvu"]),
+        "l0": l0,
+        "dead": nearest["dead"],
+        "interpolated": True,
+        "bracket_l0": [a["l0"], b["l0"]],
+    }
+
+
+def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any, x_eval: Tensor, folder: Path) -> None:
+    """Trains and scores one architecture's pairs; prints a JSON line per SAELens setting."""
+    steps = args.tokens // args.batch
+    runs = {}
+    for setting, lr in (("default_lr", SAELENS_DEFAULT_LR), ("our_lr", args.lr)):
+        path, rate = train_saelens(arch, knob, d, lr, args, data, folder)
+        runs[setting] = (lr, {"tokens_per_s": round(rate), **score(path, x_eval)})
+    penalty = sae_class(arch).knob != "k"
+    if penalty:  # our coefficient for the same loss, and one either side of it
+        alpha = knob * args.d_sae / d
+        paths, _ = train_ours(arch, [alpha / 2, alpha, alpha * 2], d, args, data, folder, steps)
+        _, rate = train_ours(arch, [alpha], d, args, data, folder / "timing", args.timing_steps)
+        points = [score(p, x_eval) for p in paths]
+    else:
+        paths, rate = train_ours(arch, [knob], d, args, data, folder, steps)
+        ours = score(paths[0], x_eval)
+    for setting, (lr, theirs) in runs.items():
+        mine = interpolate_at_l0(points, theirs["l0"]) if penalty else dict(ours)
+        row = {
+            "arch": arch,
+            "knob": {"l1_coefficient" if penalty else "k": knob},
+            "d_sae": args.d_sae,
+            "tokens": steps * args.batch,
+            "saelens_setting": setting,
+            "lr": {"ours": args.lr, "saelens": lr},
+            "ours": {"tokens_per_s": round(rate), **mine},
+            "saelens": theirs,
+        }
+        print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=["topk", "batchtopk", "relu"], choices=sorted(SAELENS))
+    p.add_argument("--k", type=int, default=32, help="k of the TopK family")
+    p.add_argument("--l1_coefficient", type=float, default=5.0, help="SAELens' l1 (relu, gated) / l0 coefficient")
+    p.add_argument("--d_sae", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=RunConfig().lr, help="our learning rate (run.py's default)")
+    p.add_argument("--timing_steps", type=int, default=60, help="relu: steps of the single-SAE timing run")
+    p.add_argument("--model_name", default="checkpoints/tiny", help="a nanoGPT checkpoint folder (else toy data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="where the SAE folders go (default: a temporary folder)")
+    a = p.parse_args()
+    tune_allocator()
+    torch.manual_seed(a.seed)
+    data: Any = activation_store(a) or ToyChunks(a.seed)
+    x_eval = held_out(data)
+    d = x_eval.shape[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(a.out or tmp)
+        for arch in a.archs:
+            knob = a.k if sae_class(arch).knob == "k" else a.l1_coefficient
+            compare(arch, knob, d, a, data, x_eval, folder)
+
+
+if __name__ == "__main__":
+    main()

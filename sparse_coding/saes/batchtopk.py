@@ -1,0 +1,95 @@
+"""`batchtopk`: keep the k·B largest pre-activations of the whole batch rather than each row's k (Bussmann, Leask
+and Nanda 2024, "BatchTopK sparse autoencoders"), so tokens that need more latents get them; L0 is k on average.
+
+Training is TopK's (saes/topk.py): FVU + AuxK on latents dead for `dead_tokens_threshold` tokens, encoder
+initialised as the decoder's transpose, the sparse decoder and gradients of saes/sparse.py over the selected
+entries. Only the selection differs: one exact top-(k·B) over each model's [B, d_sae] slab (kernels.batch_topk).
+
+Inference cannot see a batch, so the SAE also learns a global threshold θ: after every step
+θ ← (1 − 0.01)·θ + 0.01·(smallest positive value kept), from θ = 0, in float64 — SAELens' documented choice
+(`topk_threshold_lr` 0.01; dictionary_learning uses an EMA of the same quantity). `encode` (evaluation, export) is
+then JumpReLU with that threshold on every latent, ReLU(pre)·[pre > θ], one example at a time, and the SAE is saved
+as SAELens saves it: a `jumprelu` folder with a `threshold` tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparse_coding.saes.base import TrainOutput
+from sparse_coding.saes.kernels import batch_topk
+from sparse_coding.saes.sparse import sparse_decode, split_flat
+from sparse_coding.saes.topk import TopKSAE
+
+THRESHOLD_LR = 0.01  # SAELens' topk_threshold_lr
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    saelens_architecture = "jumprelu"  # SAELens' inference form of a BatchTopK SAE
+    saelens_training_architecture = "batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any):
+        super().__init__(d_in, d_sae, hparams, **options)
+        self.register_buffer("threshold", torch.zeros(self.n_models, dtype=torch.float64))
+
+    def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """pre (+ bias): [M, B, d_sae] → (values, flat indices) [M, k_max·B], in index order (saes/sparse.py's
+        flat layout); values ReLU'd, model m's past its own k·B zero."""
+        B = pre.shape[1]
+        vals, idx = batch_topk(pre, [k * B for k in self.ks], bias)
+        return vals.relu(), idx
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        return pre.relu() * (pre > self.threshold.to(pre.dtype)[:, None, None])
+
+    def decode_entries(self, vals: Tensor, idx: Tensor, n_tokens: int) -> Tensor:
+        rows, lat = split_flat(idx, self.d_sae)
+        return sparse_decode(vals, lat, self.decoder(), rows, n_tokens)
+
+    def latents(self, idx: Tensor) -> Tensor:
+        return idx % self.d_sae
+
+    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+        out = super().train_forward(x, stats)
+        if stats:
+            out.parts["threshold"] = self.threshold.float()
+        return out
+
+    @torch.no_grad()
+    def record_firing(self, vals: Tensor, idx: Tensor, n_tokens: int) -> None:
+        """Also moves θ towards this batch's smallest kept positive value (each model's own; none kept: no move)."""
+        super().record_firing(vals, idx, n_tokens)
+        smallest = vals.masked_fill(vals <= 0, float("inf")).amin(-1).double()
+        moved = (1 - THRESHOLD_LR) * self.threshold + THRESHOLD_LR * smallest
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
+
+    # --- SAELens: saved as JumpReLU ----------------------------------------------------------------------
+    def saelens_cfg(self, m: int) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def hparams_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        meta = cfg.get("metadata") or {}
+        return {"k": int(meta.get("k") or (meta.get("training_architecture_details") or {})["k"])}
+
+    @torch.no_grad()
+    def export(self, m: int) -> dict[str, Tensor]:
+        threshold = torch.full(
+            (self.d_sae,), float(self.threshold[m]), dtype=self.W_dec.dtype, device=self.W_dec.device
+        )
+        return {**super().export(m), "threshold": threshold}
+
+    @torch.no_grad()
+    def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:
+        super().load_exported(m, tensors)
+        self.threshold[m] = tensors["threshold"].double().mean()
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold.div_(scale)

@@ -1,0 +1,137 @@
+"""The sparse training path of the TopK family (topk, batchtopk, matryoshka): the selected codes are kept as
+entries, never as a dense [B, d_sae] tensor, and every gradient touches only them.
+
+Two layouts of the selected entries (values with their indices), both with a leading model axis:
+- per row, [M, B, K]: K latent indices for each token, as TopK chooses them;
+- flat, [M, N]: indices r·d_sae + j into the [B, d_sae] slab, in index order (so grouped by token), as a batch-wide
+  selection (BatchTopK) gives them; N is the same for every token of the batch only on average.
+
+A step then costs one dense matmul (the encoder forward), the selection and O(entries · d_in) work: the decoder is
+an embedding-bag over the chosen rows, and both weight gradients are per-latent sums over the same entries
+(kernels.latent_sum).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_coding.saes.base import BufferCache
+from sparse_coding.saes.kernels import fuses_bias, latent_sum, topk_last_dim
+
+
+def split_flat(idx: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """Flat indices [M, N] → (rows, latents) [M, N]."""
+    return torch.div(idx, d_sae, rounding_mode="floor"), idx % d_sae
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, bags: Tensor | None = None, n_bags: int = 0) -> Tensor:
+    """Σ of vals · W_dec[latent] per bag, no bias. W_dec: [M, d_sae, d_in].
+
+    Per row: vals, idx [M, B, K] → [M, B, d_in], one bag per token. Flat: vals, latent indices idx [M, N] and
+    bags [M, N] (non-decreasing along each model's entries) → [M, n_bags, d_in]; an empty bag gives 0.
+    embedding_bag gives the output and the gradient of vals; the decoder's gradient comes from latent_sum over the
+    same entries (a fifth of embedding_bag's own dense scatter backward here)."""
+    M, d_sae, d_in = W_dec.shape
+    offsets = (torch.arange(M, device=idx.device) * d_sae).view(M, *[1] * (idx.dim() - 1))
+    table = W_dec.detach().reshape(M * d_sae, d_in)
+    if bags is None:
+        B, K = idx.shape[1:]
+        out = F.embedding_bag(
+            (idx + offsets).reshape(M * B, K), table, per_sample_weights=vals.reshape(M * B, K), mode="sum"
+        )
+        return _DecoderGrad.apply(out.view(M, B, d_in), vals.detach(), idx, None, W_dec)
+    flat_bags = (bags + (torch.arange(M, device=idx.device) * n_bags)[:, None]).reshape(-1)
+    counts = torch.bincount(flat_bags, minlength=M * n_bags)
+    starts = counts.cumsum(0) - counts
+    out = F.embedding_bag((idx + offsets).reshape(-1), table, starts, per_sample_weights=vals.reshape(-1), mode="sum")
+    return _DecoderGrad.apply(out.view(M, n_bags, d_in), vals.detach(), idx, bags, W_dec)
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """Passes the decoder output through and gives W_dec its gradient, Σ over the entries of each latent of
+    vals · g_out[bag]."""
+
+    @staticmethod
+    def forward(ctx, out, vals, idx, bags, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, bags)
+        ctx.d_sae = W_dec.shape[1]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g_out):  # type: ignore[override]
+        vals, idx, bags = ctx.saved_tensors
+        return g_out, None, None, None, latent_sum(idx, vals, g_out, ctx.d_sae, rows=bags)[0]
+
+
+def top_dead(pre: Tensor, dead: Tensor, k_aux: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """pre (+ bias): [M, B, d_sae], dead: [M, d_sae] → the k_aux largest pre-activations among each model's
+    dead latents (ReLU'd; 0 where a model has fewer than k_aux), sorted, and their latent indices, [M, B, k_aux].
+    Gathers the dead columns first, so a handful of dead latents costs a handful of columns, not a pass over
+    all of pre."""
+    M, B, _ = pre.shape
+    n_dead = dead.sum(-1)
+    D = int(n_dead.max())
+    cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :D]  # dead latents first, in order
+    sub = pre.gather(-1, cols[:, None, :].expand(M, B, D))
+    if bias is not None:
+        sub += bias.gather(-1, cols)[:, None, :]
+    sub.masked_fill_((torch.arange(D, device=pre.device) >= n_dead[:, None])[:, None, :], float("-inf"))
+    vals, pos = topk_last_dim(sub, k_aux)  # sorted, as TopKSAE.select
+    return vals.relu(), cols.gather(-1, pos.reshape(M, -1)).view(M, B, k_aux)
+
+
+class SparseEncode(torch.autograd.Function):
+    """Encoder forward (one dense matmul into a reused buffer, then `sae.select`; optionally the AuxK top-k over
+    dead latents from the same pre-activations) with a backward that touches only the selected entries.
+
+    x: [B, d_in] → vals, idx in either layout (see the module docstring), aux_vals, aux_idx [M, B, k_aux]."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, sae: Any, dead: Tensor | None, k_aux: int):  # type: ignore[override]
+        cache: BufferCache = sae._cache
+        M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        pre = cache.get("pre", (M, B, F_), x)
+        # Where the selection adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
+        bias = b_enc if fuses_bias(pre) else None
+        if bias is None:
+            torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
+        else:
+            torch.bmm(xc, W_enc.mT, out=pre)
+        vals, idx = sae.select(pre, bias)
+        if dead is not None:
+            aux_vals, aux_idx = top_dead(pre, dead, k_aux, bias)
+        else:
+            aux_vals = x.new_zeros(M, B, 0)
+            aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)
+        ctx.center = sae.decoder_bias
+        ctx.save_for_backward(xc, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
+        xc, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        M, B, F_ = xc.shape[0], xc.shape[1], W_enc.shape[1]
+        has_aux = g_aux is not None and aux_idx.shape[-1] > 0
+        g = g_vals * (vals > 0)
+        # W_enc.grad[m, j] = Σ over entries that chose j of g · xc[token]; b_enc.grad[m, j] = Σ g.
+        if idx.dim() == 3:  # per row: the AuxK entries join each token's own
+            if has_aux:
+                g = torch.cat([g, g_aux * (aux_vals > 0)], dim=-1)
+                idx = torch.cat([idx, aux_idx], dim=-1)
+            g_W_enc, g_b_enc = latent_sum(idx, g, xc, F_)
+        else:
+            rows, lat = split_flat(idx, F_)
+            if has_aux:
+                aux_rows = torch.arange(B, device=xc.device).repeat_interleave(aux_idx.shape[-1]).expand(M, -1)
+                g = torch.cat([g, (g_aux * (aux_vals > 0)).reshape(M, -1)], dim=-1)
+                lat = torch.cat([lat, aux_idx.reshape(M, -1)], dim=-1)
+                rows = torch.cat([rows, aux_rows], dim=-1)
+            g_W_enc, g_b_enc = latent_sum(lat, g, xc, F_, rows=rows)
+        g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
+        return None, g_W_enc, g_b_enc, g_b_dec, None, None, None
