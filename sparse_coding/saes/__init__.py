@@ -37,7 +37,7 @@ def build_sae(arch: str, d_in: int, d_sae: int, hparams: list[dict[str, Any]], *
 def arch_for_saelens_name(name: str) -> str:
     """Maps SAELens' architecture name in cfg.json back to ours."""
     for arch, cls in SAES.items():
-        if cls.saelens_architecture == name:
+        if name == cls.saelens_architecture or name in (cls.saelens_transcoder or ()):
             return arch
     raise SAEFolderError(f"no architecture here matches SAELens' {name!r}")
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ L1_NORMS = ("dict_size", "none")
 class ReluSAE(SAE):
     architecture = "relu"
     saelens_architecture = "standard"
+    saelens_transcoder = ("transcoder", "skip_transcoder")
     knob = "l1_alpha"
     options = ("tied", "l1_norm", "decoder_bias")
 
@@ -34,12 +36,16 @@ class ReluSAE(SAE):
         tied: bool = False,
         l1_norm: str = "dict_size",
         decoder_bias: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
         """l1_norm: 'dict_size' divides the L1 term by d_sae (as the original toy code did, so one l1 grid
         suits every dictionary size); 'none' uses the plain sum over features."""
         if l1_norm not in L1_NORMS:
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias)
+        if tied and d_out is not None:
+            raise ConfigError("--tied does not apply to transcoders: the encoder reads another space than the decoder")
+        super().__init__(d_in, d_sae, hparams, decoder_bias, d_out, skip)
         self.tied, self.l1_norm = tied, l1_norm
         self.register_buffer("l1_alpha", torch.tensor([float(h["l1_alpha"]) for h in hparams]))
         with torch.no_grad():  # as the original: orthogonal decoder, nn.Linear's default encoder init
@@ -69,11 +75,13 @@ class ReluSAE(SAE):
     def l1_scale(self) -> float:
         return 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         x_hat, l1, codes = _ReluSAEStep.apply(
-            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, self.decoder_bias, self._cache
+            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, self.centers_input, self._cache
         )
-        mse = (x_hat - x).pow(2).mean(dim=(1, 2))
+        if self.skip:
+            x_hat = x_hat + self.skip_term(x)
+        mse = (x_hat - (x if target is None else target)).pow(2).mean(dim=(1, 2))
         loss = mse + self.l1_alpha * self.l1_scale() * l1
         if not stats:  # L0 is an extra read of the codes; the trainer asks only when it logs
             return TrainOutput(loss)
@@ -94,7 +102,8 @@ class _ReluSAEStep(torch.autograd.Function):
     """Dense SAE forward and backward with the [M, B, d_sae] tensors in reused buffers and the ReLU, L1 and
     bias gradients folded into in-place passes; the five matmuls are all that is left of note.
 
-    x: [B, d_in] shared by all M models; W_enc, W_dec: [M, d_sae, d_in]. Returns x_hat [M, B, d_in], l1 [M]
+    x: [B, d_in] shared by all M models; W_enc: [M, d_sae, d_in], W_dec: [M, d_sae, d_out]. Returns x_hat
+    [M, B, d_out], l1 [M]
     (mean over the batch of the summed codes) and the codes themselves (a buffer, valid until the next call).
     """
 

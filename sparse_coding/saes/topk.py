@@ -37,20 +37,24 @@ class TopKSAE(SAE):
         auxk_alpha: float = 1 / 32,
         dead_tokens_threshold: int = 10_000_000,
         decoder_bias: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
         ks = [int(h["k"]) for h in hparams]
         if not all(0 < k <= d_sae for k in ks):
             raise ValueError(f"every k must be in 1..d_sae={d_sae}, got {ks}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, d_out, skip)
         self.ks, self.k_max = ks, max(ks)
         self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
         self.register_buffer("k", torch.tensor(ks))
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
         with torch.no_grad():
-            bound = d_in**-0.5
-            self.W_dec.uniform_(-bound, bound)
+            self.W_dec.uniform_(-(self.d_out**-0.5), self.d_out**-0.5)
             self.constrain_weights()
-            self.W_enc.copy_(self.W_dec)
+            if self.transcoder:  # the encoder reads another space than the decoder writes
+                self.W_enc.uniform_(-(d_in**-0.5), d_in**-0.5)
+            else:
+                self.W_enc.copy_(self.W_dec)
         self._cache = BufferCache()
 
     @classmethod
@@ -87,25 +91,28 @@ class TopKSAE(SAE):
         vals, idx = self.select(self.pre_acts(x))
         return torch.zeros(*vals.shape[:2], self.d_sae, device=x.device, dtype=vals.dtype).scatter_(-1, idx, vals)
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         M, B = self.n_models, x.shape[0]
+        target = x if target is None else target
         W_dec = self.decoder()
         dead = self.tokens_since_fired >= self.dead_tokens_threshold  # [M, d_sae]
         n_dead = dead.sum(-1)
-        k_aux = min(self.d_in // 2, int(n_dead.max()))
+        k_aux = min(self.d_out // 2, int(n_dead.max()))
         vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
             x, self.W_enc, self.b_enc, self.b_dec, self, dead if k_aux > 0 else None, k_aux
         )
         x_hat = sparse_decode(vals, idx, W_dec) + self.b_dec[:, None, :]
-        err = x_hat - x
-        total_variance = (x - x.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
+        if self.skip:
+            x_hat = x_hat + self.skip_term(x)
+        err = x_hat - target
+        total_variance = (target - target.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
         sq_err = err.pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
         loss, auxk = fvu, None
         if k_aux > 0:
             e_hat = sparse_decode(aux_vals, aux_idx, W_dec)
             auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
-            scale = (n_dead.float() / (self.d_in // 2)).clamp(max=1.0)
+            scale = (n_dead.float() / (self.d_out // 2)).clamp(max=1.0)
             loss = loss + self.auxk_alpha * scale * auxk
         with torch.no_grad():
             # Counts, not a boolean scatter: a latent chosen by several tokens, positive for some and zero for
@@ -183,7 +190,7 @@ class _TopKEncode(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, sae: TopKSAE, dead: Tensor | None, k_aux: int):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         pre = cache.get("pre", (M, B, F_), x)
         # Where the top-k adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
         bias = b_enc if fuses_bias(pre) else None
@@ -197,7 +204,7 @@ class _TopKEncode(torch.autograd.Function):
         else:
             aux_vals = x.new_zeros(M, B, 0)
             aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)
-        ctx.center = sae.decoder_bias
+        ctx.center = sae.centers_input
         ctx.save_for_backward(xc, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx

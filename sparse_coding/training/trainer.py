@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.files import load_optimizer_tensors, optimizer_tensors
 from sparse_coding.saes import SAE
 from sparse_coding.training.checkpoint import load_checkpoint, save_checkpoint
@@ -21,10 +22,17 @@ from sparse_coding.training.config import SweepConfig
 StepLog = list[dict[str, Tensor]]
 
 
-def build_stacks(cfg: SweepConfig, d_in: int, device: torch.device) -> list[SAE]:
-    """Gives one stack per dictionary size, smallest first, each holding every grid point's SAE."""
+def build_stacks(
+    cfg: SweepConfig, d_in: int, device: torch.device, d_out: int | None = None, skip: bool = False
+) -> list[SAE]:
+    """Gives one stack per dictionary size, smallest first, each holding every grid point's SAE (transcoders
+    to width d_out, with a skip connection if asked, when d_out is given)."""
     torch.manual_seed(cfg.seed)
     grid, options = cfg.hparam_grid(), cfg.sae_options()
+    if d_out is not None:
+        if not cfg.sae_cls.trains_transcoders():
+            raise ConfigError(f"architecture {cfg.arch!r} does not train as a transcoder yet")
+        options = {**options, "d_out": d_out, "skip": skip}
     return [cfg.sae_cls(d_in, size, grid, **options).to(device) for size in cfg.dict_sizes(d_in)]
 
 
@@ -54,16 +62,18 @@ class Trainer:
         self.opt = torch.optim.Adam(self.params, lr=lr, fused=fused)
         self.step_count = 0
 
-    def step(self, x: Tensor, stats: bool = False) -> StepLog:
-        """One optimizer step on x: [B, d_in]; gives per-stack training stats when asked (else empty dicts)."""
+    def step(self, batch: Tensor, stats: bool = False) -> StepLog:
+        """One optimizer step on a batch [B, d_in] (transcoders: [B, d_in + d_out], input and target); gives
+        per-stack training stats when asked (else empty dicts)."""
+        x, target = self.stacks[0].split_batch(batch)
         if self.step_count == 0 and self.init_b_dec:
             for s in self.stacks:
-                s.init_b_dec(x)
+                s.init_b_dec(target)
             if self.sync is not None:
                 self.sync([s.b_dec.data for s in self.stacks])
         logs = []
         for s in self.stacks:  # backward per stack frees its activations before the next stack runs
-            out = s.train_forward(x, stats=stats)
+            out = s.train_forward(x, stats=stats, **({"target": target} if s.transcoder else {}))
             out.loss.sum().backward()
             logs.append({"loss": out.loss.detach(), **out.parts} if stats else {})
         if self.sync is not None:
