@@ -193,3 +193,16 @@ class TokenStream:
         self._start += need
         self.n_rows += n_rows
         return rows.view(n_rows, self.max_length)
+
+
+class TensorRows:
+    """Rows already tokenized, [N, T], handed out as a TokenStream hands them (for benches and tests)."""
+
+    def __init__(self, tokens: Tensor):
+        self.tokens, self.at = tokens, 0
+
+    def take(self, n_rows: int) -> Tensor | None:
+        if self.at + n_rows > len(self.tokens):
+            return None
+        self.at += n_rows
+        return self.tokens[self.at - n_rows : self.at]

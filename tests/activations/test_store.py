@@ -8,22 +8,9 @@ import torch
 from lm_fixtures import sentences
 
 from sparse_coding.activations.store import ActivationDataset, StoreSpec, cache_activations, chunk_name
-from sparse_coding.data.text import TokenStream
+from sparse_coding.data.text import TensorRows, TokenStream
 from sparse_coding.errors import StoreError
 from sparse_coding.models.language_model import load_language_model
-
-
-class TensorRows:
-    """Rows from a tensor, as a token stream gives them."""
-
-    def __init__(self, tokens):
-        self.tokens, self.at = tokens, 0
-
-    def take(self, n):
-        if self.at + n > len(self.tokens):
-            return None
-        self.at += n
-        return self.tokens[self.at - n : self.at]
 
 
 def _spec(folder, hook="h", target=None, **fields):
