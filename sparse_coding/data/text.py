@@ -12,7 +12,6 @@ parsed whole; .jsonl and .parquet files are read record by record.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -162,10 +161,6 @@ class TokenStream:
     @property
     def bytes_per_token(self) -> float:
         return self.n_bytes / max(1, self.n_tokens)
-
-    def bits_per_byte(self, loss_nats_per_token: float) -> float:
-        """Converts a loss in nats per token to bits per byte of the underlying text."""
-        return loss_nats_per_token / math.log(2) / self.bytes_per_token
 
     def _read_batch(self) -> bool:
         docs = list(islice(self._docs, TOKENIZE_BATCH))

@@ -134,9 +134,6 @@ class LanguageModel:
         hint = f"; modules with that ending: {', '.join(near[:6])}" if near else ""
         raise ModelError(f"{self.name} has no module {path!r}{hint}")
 
-    def check_hook(self, name: str) -> None:
-        self.resolve_hook(name)
-
     def context_length(self) -> int | None:
         """Gives the longest input the model takes (None when its config does not say)."""
         for cfg in (getattr(self.model, "config", None), getattr(self.model, "cfg", None)):
@@ -297,8 +294,3 @@ def load_tokenizer(name: str) -> Tokenizer:
         return Tokenizer.from_hf(AutoTokenizer.from_pretrained(name), name)
     except Exception as e:
         raise ModelError(f"cannot load the tokenizer of {name!r}: {type(e).__name__}: {e}") from e
-
-
-def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in nats: logits [B, T, V] at positions 0..T-2 predict tokens 1..T-1."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))

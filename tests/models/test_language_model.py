@@ -3,11 +3,7 @@
 import pytest
 import torch
 
-from sparse_coding.models.language_model import (
-    ModelError,
-    load_language_model,
-    next_token_ce,
-)
+from sparse_coding.models.language_model import ModelError, load_language_model
 
 
 def test_hf_hooks_equal_the_models_own_activations(hf_folder):
@@ -26,7 +22,7 @@ def test_hf_hooks_equal_the_models_own_activations(hf_folder):
     with pytest.raises(ModelError, match="out of range"):
         lm.hook_for(2, "mlp")
     with pytest.raises(ModelError, match="no module"):
-        lm.check_hook("h.0.nope")
+        lm.resolve_hook("h.0.nope")
 
 
 def test_hf_forward_stops_after_the_last_hook(hf_folder):
@@ -51,7 +47,7 @@ def test_transformer_lens_hooks(tl_model):
     for hook in hooks:
         assert torch.allclose(acts[hook], cache[hook], atol=1e-6)
     with pytest.raises(ModelError, match="no module"):
-        tl_model.check_hook("blocks.0.hook_nope")
+        tl_model.resolve_hook("blocks.0.hook_nope")
 
 
 def test_logits_with_a_hook_replaced(hf_folder, tl_model):
@@ -63,11 +59,3 @@ def test_logits_with_a_hook_replaced(hf_folder, tl_model):
         clean = lm.logits(tokens)
         assert torch.allclose(lm.logits(tokens, hook, lambda act, src: act), clean, atol=1e-5)
         assert not torch.allclose(lm.logits(tokens, hook, lambda act, src: torch.zeros_like(act)), clean, atol=1e-3)
-
-
-def test_next_token_ce_by_hand():
-    logits = torch.zeros(1, 3, 4)
-    logits[0, 0, 2] = 100.0  # position 0 predicts token 2 with certainty
-    tokens = torch.tensor([[0, 2, 1]])
-    # positions 0 → 2 (loss 0), 1 → 1 (uniform: log 4)
-    assert next_token_ce(logits, tokens).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() / 2, abs=1e-5)
