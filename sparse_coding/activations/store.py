@@ -101,7 +101,8 @@ class ActivationDataset:
         else:
             chunk = self._read_own_chunk(i, device)
         if not torch.isfinite(chunk.activations.sum(dtype=torch.float32)):  # NaN and inf reach the sum
-            raise StoreError(f"chunk {i} of {self.folder} holds NaN or infinite activations; nothing can train on it")
+            where = f"chunk {i} of {self.folder}" if self.from_files else str(self.folder / chunk_name(i))
+            raise StoreError(f"{where} holds NaN or infinite activations; nothing can train on it")
         return chunk
 
     def _read_own_chunk(self, i: int, device: torch.device | str) -> Chunk:

@@ -79,7 +79,7 @@ class RunConfig(SweepConfig, CacheConfig):
         hold a batch (checked again for a folder of your own files, once its chunks are counted)."""
         if self.n_eval_chunks >= n_chunks:
             raise ConfigError(
-                f"n_eval_chunks ({self.n_eval_chunks}) must leave one of the {n_chunks} chunks for training"
+                f"n_eval_chunks ({self.n_eval_chunks}) must leave at least one chunk for training ({n_chunks} chunks)"
             )
         n_train = n_chunks - self.n_eval_chunks
         smallest_group = (n_train % self.mix_chunks or min(self.mix_chunks, n_train)) * self.chunk_size_tokens
