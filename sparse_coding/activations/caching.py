@@ -5,6 +5,7 @@ reused; a half-made one is finished."""
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from sparse_coding.activations.store import (
 )
 from sparse_coding.config import Config, option
 from sparse_coding.data.text import TokenStream, iter_documents
-from sparse_coding.errors import ConfigError, ModelError
+from sparse_coding.errors import ConfigError, ModelError, StoreError
 from sparse_coding.files import read_json
 from sparse_coding.models.language_model import LAYER_LOCS, MODEL_DTYPES, LanguageModel
 from sparse_coding.models.tokenizer import EXCLUDE_DEFAULT, parse_exclude_tokens
@@ -165,17 +166,34 @@ def store_specs(cfg: CacheConfig, lm: LanguageModel, targets: list[Target]) -> l
     return specs
 
 
+def check_disk(cfg: CacheConfig, specs: list[StoreSpec]) -> None:
+    """Raises StoreError when the chunks still to be written would not fit on the stores' disk."""
+    need = 0
+    for s in specs:
+        width = s.fields["d"] + (s.fields["d_out"] or 0)
+        per_chunk = cfg.chunk_size_tokens * (width * DTYPES[cfg.activation_dtype].itemsize + 5)  # + tokens, kept
+        need += (cfg.n_chunks - first_missing_chunk(s.folder, cfg.n_chunks)) * per_chunk
+    folder = specs[0].folder
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise StoreError(
+            f"the activation store needs {need / 2**30:.1f} GiB more in {folder} but its disk has {free / 2**30:.1f} "
+            "GiB free; use fewer --n_chunks, a smaller --chunk_size_tokens or another --activations_dir"
+        )
+
+
 def prepare_activations(
-    cfg: CacheConfig, lm: LanguageModel, targets: list[Target], progress: bool
+    cfg: CacheConfig, lm: LanguageModel, specs: list[StoreSpec], progress: bool
 ) -> list[ActivationDataset]:
-    """Gives the stored activations of every target, computing (or finishing) them from one stream of text and
+    """Gives the stored activations of every store, computing (or finishing) them from one stream of text and
     one forward pass per model batch."""
-    specs = store_specs(cfg, lm, targets)
     stored = [_complete_store(s, cfg.n_chunks) for s in specs]
     if all(stored):
         for s in specs:
             print(f"reusing stored activations in {s.folder}")
         return stored  # type: ignore[return-value]
+    check_disk(cfg, specs)
     docs = iter_documents(cfg.dataset_name, cfg.text_field, cfg.dataset_split, cfg.max_docs)
     separator_id = lm.tokenizer.separator(cfg.doc_separator)[1]
     stream = TokenStream(docs, lm.tokenizer.encode_batch, separator_id, cfg.max_length, cfg.dataset_name)

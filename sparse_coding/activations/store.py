@@ -198,15 +198,13 @@ def cache_activations(
 
 
 def _open_for_writing(spec: StoreSpec, rows_per_chunk: int) -> dict[str, Any]:
-    """Gives the store's manifest: the stored one, checked against what is asked, or a new one (written)."""
-    spec.folder.mkdir(parents=True, exist_ok=True)
+    """Gives the store's manifest: the stored one, checked against what is asked, or a new one (written with
+    the first chunk, so text that cannot be read leaves nothing behind)."""
     if (spec.folder / MANIFEST).is_file():
         manifest = read_json(spec.folder / MANIFEST)
         check_compatible(manifest, spec.fields, spec.folder)
         return manifest
-    manifest = {**spec.fields, "rows_per_chunk": rows_per_chunk, "n_chunks": 0}
-    write_json(spec.folder / MANIFEST, manifest)
-    return manifest
+    return {**spec.fields, "rows_per_chunk": rows_per_chunk, "n_chunks": 0}
 
 
 def _check_same_rows(path: Path, rows: Tensor) -> None:
@@ -239,6 +237,9 @@ def _write_chunk(
     for name in ("activations", "targets"):
         if name in tensors and not torch.isfinite(tensors[name].sum()):  # NaN and inf propagate into the sum
             raise StoreError(f"the model gave NaN or infinite activations in chunk {i}; nothing was written for it")
+    if not (spec.folder / MANIFEST).is_file():  # a new store: its manifest first, so it is one even if this fails
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        write_json(spec.folder / MANIFEST, manifest)
     save_tensors(
         spec.folder / chunk_name(i), {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     )

@@ -244,6 +244,12 @@ class TransformerLensModel(LanguageModel):
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, name: str):
         super().__init__(model, tokenizer, name, family="transformer_lens")
 
+    def transcode_hooks(self, hook: str) -> tuple[str, str]:
+        raise ModelError(
+            f"{hook!r}: a TransformerLens hook point's input is its output; use --transcode with --layer "
+            "(the MLP's ln2.hook_normalized → hook_mlp_out)"
+        )
+
     def _forward(self, tokens: Tensor) -> Any:
         return self.model(tokens)
 

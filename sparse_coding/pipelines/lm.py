@@ -19,9 +19,9 @@ from sparse_coding.activations.caching import (
     DEFAULT_MODEL,
     CacheConfig,
     Target,
-    activations_folder,
     prepare_activations,
     resolve_targets,
+    store_specs,
 )
 from sparse_coding.activations.own_files import index_folder, is_own_folder
 from sparse_coding.activations.store import ActivationDataset
@@ -32,6 +32,7 @@ from sparse_coding.models.language_model import MODEL_DTYPES, LanguageModel, loa
 from sparse_coding.pipelines.lm_sweep import RESULTS, Run, Sweep, fingerprint, run_sweep
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.distributed import PARALLEL_MODES, gather_json, init_distributed, shutdown
+from sparse_coding.training.memory import check_sweep_fits
 from utils import resolve_device
 
 
@@ -160,17 +161,29 @@ def load_own_files(run: Run, folder: Path) -> list[Sweep]:
     share_errors(run, lambda: index_folder(folder, run.cfg.chunk_size_tokens))
     data = ActivationDataset.open(folder)
     run.cfg.check_chunks(data.n_chunks)
+    check_sweep(run, folder.name, data.d)
     return [Sweep(None, Target(run.cfg.hook_name), data, data.n_chunks)]
 
 
 def load_and_cache(run: Run) -> list[Sweep]:
-    """Loads the model, resolves the hooks and makes sure their activations are stored; one sweep per hook."""
+    """Loads the model, resolves the hooks, checks each sweep fits, and makes sure their activations are stored;
+    one sweep per hook."""
     cfg = run.cfg
     lm = load_model(run)
     targets = resolve_targets(cfg, lm)
-    share_errors(run, lambda: prepare_activations(cfg, lm, targets, run.progress))
-    stores = [ActivationDataset.open(activations_folder(cfg, lm.name, t, len(targets) > 1)) for t in targets]
+    specs = store_specs(cfg, lm, targets)
+    for target, spec in zip(targets, specs, strict=True):
+        check_sweep(run, target.name, spec.fields["d"])
+    share_errors(run, lambda: prepare_activations(cfg, lm, specs, run.progress))
+    stores = [ActivationDataset.open(s.folder) for s in specs]
     return [Sweep(lm, t, data, cfg.n_chunks) for t, data in zip(targets, stores, strict=True)]
+
+
+def check_sweep(run: Run, name: str, d: int) -> None:
+    """Refuses dictionary sizes that cannot be trained, or a sweep too big for the device, before any work."""
+    run.cfg.check_sizes(d)
+    if run.info.is_main:
+        print(f"sweep on {name}: {check_sweep_fits(run.cfg, d, run.device)}")
 
 
 def load_model(run: Run) -> LanguageModel:

@@ -9,7 +9,7 @@ from lm_fixtures import sentences
 
 from sparse_coding.activations.store import ActivationDataset, StoreSpec, cache_activations, chunk_name
 from sparse_coding.data.text import TensorRows, TokenStream
-from sparse_coding.errors import StoreError
+from sparse_coding.errors import DatasetError, StoreError
 from sparse_coding.models.language_model import load_language_model
 
 
@@ -129,3 +129,13 @@ def test_a_deleted_chunk_is_recomputed(tmp_path):
     (tmp_path / chunk_name(1)).unlink()  # what the user does after "delete it and rerun"
     data = _cache(tmp_path, tokens, 4)
     assert (tmp_path / chunk_name(1)).read_bytes() == before and data.n_chunks == 4
+
+
+def test_text_that_cannot_be_read_leaves_no_store_behind(tmp_path):
+    class Unreadable:
+        def take(self, n_rows):
+            raise DatasetError("corpus.jsonl line 1 is not UTF-8 text")
+
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        cache_activations([_spec(tmp_path / "store")], Unreadable(), _compute, 2, 10, 3, progress=False)
+    assert not (tmp_path / "store").exists()

@@ -48,6 +48,8 @@ def test_transformer_lens_hooks(tl_model):
         assert torch.allclose(acts[hook], cache[hook], atol=1e-6)
     with pytest.raises(ModelError, match="no module"):
         tl_model.resolve_hook("blocks.0.hook_nope")
+    with pytest.raises(ModelError, match="hook point's input is its output"):
+        tl_model.transcode_hooks("blocks.0.hook_mlp_out")
 
 
 def test_logits_with_a_hook_replaced(hf_folder, tl_model):
