@@ -4,7 +4,7 @@ written out by hand here (independently of sparse_coding/models/layouts.py) so t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +14,17 @@ from lm_fixtures import WORDS
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 SMALL = {"vocab_size": 64}
-LLAMA_LIKE = {
+# 2 layers, d 32, MLP 48: the HF config keys most families share
+HF_SIZES = {
     "num_hidden_layers": 2,
     "hidden_size": 32,
     "intermediate_size": 48,
     "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "max_position_embeddings": 64,
     **SMALL,
 }
-BERT_LIKE = {
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 66,
-    **SMALL,
-}
+LLAMA_LIKE = {**HF_SIZES, "num_key_value_heads": 2}
+BERT_LIKE = {**HF_SIZES, "max_position_embeddings": 66}
 # special tokens per tokenizer style: HF attribute → token
 GPT_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
 LLAMA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -67,10 +61,25 @@ class Family:
     mlp_out: str
     down: str
     head: str | None = "causal"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def module(self, layer: int, inner: str) -> str:
         return f"{self.blocks}.{layer}.{inner}" if inner else f"{self.blocks}.{layer}"
+
+
+def _llama_like(model_type: str, config: Any, head_class: Any) -> Family:
+    """Llama, Mistral, Qwen2, Gemma 2: the same layer layout, a gated MLP whose down projection reads the neurons."""
+    return Family(
+        model_type, config, head_class, LLAMA_SPECIALS, blocks="layers", attn="self_attn", mlp_out="mlp",
+        down="mlp.down_proj",
+    )  # fmt: skip
+
+
+def _bert_like(model_type: str, config: Any, head_class: Any, specials: dict[str, str]) -> Family:
+    """BERT, RoBERTa: attention and MLP outputs are dense layers inside their residual LayerNorm blocks."""
+    return Family(
+        model_type, config, head_class, specials, blocks="encoder.layer", attn="attention.output.dense",
+        mlp_out="output.dense", down="output.dense", head="masked",
+    )  # fmt: skip
 
 
 FAMILIES = {
@@ -86,14 +95,7 @@ FAMILIES = {
     ),
     "gpt_neox": Family(
         "gpt_neox",
-        tf.GPTNeoXConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=48,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            **SMALL,
-        ),
+        tf.GPTNeoXConfig(**HF_SIZES),
         tf.GPTNeoXForCausalLM,
         GPT_SPECIALS,
         blocks="layers",
@@ -101,46 +103,10 @@ FAMILIES = {
         mlp_out="mlp",
         down="mlp.dense_4h_to_h",
     ),
-    "llama": Family(
-        "llama",
-        tf.LlamaConfig(**LLAMA_LIKE),
-        tf.LlamaForCausalLM,
-        LLAMA_SPECIALS,
-        blocks="layers",
-        attn="self_attn",
-        mlp_out="mlp",
-        down="mlp.down_proj",
-    ),
-    "mistral": Family(
-        "mistral",
-        tf.MistralConfig(**LLAMA_LIKE),
-        tf.MistralForCausalLM,
-        LLAMA_SPECIALS,
-        blocks="layers",
-        attn="self_attn",
-        mlp_out="mlp",
-        down="mlp.down_proj",
-    ),
-    "qwen2": Family(
-        "qwen2",
-        tf.Qwen2Config(**LLAMA_LIKE),
-        tf.Qwen2ForCausalLM,
-        LLAMA_SPECIALS,
-        blocks="layers",
-        attn="self_attn",
-        mlp_out="mlp",
-        down="mlp.down_proj",
-    ),
-    "gemma2": Family(
-        "gemma2",
-        tf.Gemma2Config(**LLAMA_LIKE, head_dim=8),
-        tf.Gemma2ForCausalLM,
-        LLAMA_SPECIALS,
-        blocks="layers",
-        attn="self_attn",
-        mlp_out="mlp",
-        down="mlp.down_proj",
-    ),
+    "llama": _llama_like("llama", tf.LlamaConfig(**LLAMA_LIKE), tf.LlamaForCausalLM),
+    "mistral": _llama_like("mistral", tf.MistralConfig(**LLAMA_LIKE), tf.MistralForCausalLM),
+    "qwen2": _llama_like("qwen2", tf.Qwen2Config(**LLAMA_LIKE), tf.Qwen2ForCausalLM),
+    "gemma2": _llama_like("gemma2", tf.Gemma2Config(**LLAMA_LIKE, head_dim=8), tf.Gemma2ForCausalLM),
     "opt": Family(
         "opt",
         tf.OPTConfig(
@@ -161,14 +127,7 @@ FAMILIES = {
     ),
     "phi": Family(
         "phi",
-        tf.PhiConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=48,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            **SMALL,
-        ),
+        tf.PhiConfig(**HF_SIZES),
         tf.PhiForCausalLM,
         GPT_SPECIALS,
         blocks="layers",
@@ -176,27 +135,9 @@ FAMILIES = {
         mlp_out="mlp",
         down="mlp.fc2",
     ),
-    "bert": Family(
-        "bert",
-        tf.BertConfig(**BERT_LIKE),
-        tf.BertForMaskedLM,
-        BERT_SPECIALS,
-        blocks="encoder.layer",
-        attn="attention.output.dense",
-        mlp_out="output.dense",
-        down="output.dense",
-        head="masked",
-    ),
-    "roberta": Family(
-        "roberta",
-        tf.RobertaConfig(**BERT_LIKE, pad_token_id=1),
-        tf.RobertaForMaskedLM,
-        ROBERTA_SPECIALS,
-        blocks="encoder.layer",
-        attn="attention.output.dense",
-        mlp_out="output.dense",
-        down="output.dense",
-        head="masked",
+    "bert": _bert_like("bert", tf.BertConfig(**BERT_LIKE), tf.BertForMaskedLM, BERT_SPECIALS),
+    "roberta": _bert_like(
+        "roberta", tf.RobertaConfig(**BERT_LIKE, pad_token_id=1), tf.RobertaForMaskedLM, ROBERTA_SPECIALS
     ),
     "distilbert": Family(
         "distilbert",
