@@ -98,6 +98,7 @@ class Target:
 
     hook: str
     target_hook: str | None = None
+    layer: int | None = None  # when given by --layer(s)
 
     @property
     def name(self) -> str:
@@ -113,8 +114,8 @@ def resolve_targets(cfg: CacheConfig, lm: LanguageModel) -> list[Target]:
         return [Target(lm.resolve_hook(h)) for h in hooks]
     layers = cfg.layers or [cfg.layer]
     if cfg.transcode:
-        return [Target(*lm.mlp_transcode_hooks(layer)) for layer in layers]
-    return [Target(lm.hook_for(layer, cfg.layer_loc)) for layer in layers]
+        return [Target(*lm.mlp_transcode_hooks(layer), layer=layer) for layer in layers]
+    return [Target(lm.hook_for(layer, cfg.layer_loc), layer=layer) for layer in layers]
 
 
 def _slug(s: str) -> str:
@@ -158,8 +159,8 @@ def store_specs(cfg: CacheConfig, lm: LanguageModel, targets: list[Target]) -> l
             "separator": separator[0],
             "excluded_tokens": sorted(excluded.values()),
             "excluded_token_strings": excluded,
-            "layer": cfg.layer if not (cfg.hook_name or cfg.hook_names) else None,
-            "layer_loc": cfg.layer_loc if not (cfg.hook_name or cfg.hook_names or cfg.transcode) else None,
+            "layer": t.layer,
+            "layer_loc": cfg.layer_loc if t.layer is not None and not t.target_hook else None,
         }
         folder = activations_folder(cfg, lm.name, t, len(targets) > 1)
         specs.append(StoreSpec(folder, fields, t.hook, t.target_hook))

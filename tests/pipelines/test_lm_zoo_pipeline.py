@@ -70,6 +70,10 @@ def test_several_hooks_in_one_run(tmp_path, corpus):
         cfg = json.loads((folder / "saes" / entry["runs"][0]["name"] / "cfg.json").read_text())
         assert cfg["metadata"]["hook_name"] == hook
     assert not list(out.glob("**/checkpoint"))
+    manifests = [json.loads(p.read_text()) for p in sorted((tmp_path / "acts").glob("*/manifest.json"))]
+    assert [(m["hook_name"], m["layer"], m["layer_loc"]) for m in manifests] == [
+        (h, i, "mlp") for i, h in enumerate(hooks)
+    ]
 
 
 @pytest.mark.parametrize("skip", [False, True])
