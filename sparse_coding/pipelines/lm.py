@@ -211,9 +211,7 @@ def share_errors(run: Run, work: Any) -> None:
 
 def hook_folder(out_dir: Path, target: Target) -> Path:
     """Gives the folder of one hook's sweep in a run over several hooks."""
-    folder = out_dir / "hooks" / re.sub(r"[^A-Za-z0-9._-]+", "-", target.name).strip("-")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return out_dir / "hooks" / re.sub(r"[^A-Za-z0-9._-]+", "-", target.name).strip("-")
 
 
 def write_index(cfg: RunConfig, out_dir: Path, runs: list[Run], results: dict[str, Any]) -> dict[str, Any]:

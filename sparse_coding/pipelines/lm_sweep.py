@@ -88,6 +88,7 @@ def run_sweep(run: Run, sweep: Sweep, fp: str) -> dict[str, Any]:
     run's, if this sweep finished before a kill that hit a later one)."""
     if run.finished():
         return read_json(run.out_dir / RESULTS)
+    run.out_dir.mkdir(parents=True, exist_ok=True)  # a hook's own folder in a run over several
     stacks = make_stacks(run, sweep.data)
     trainer, source = make_trainer(run, stacks, sweep)
     return train_and_report(run, sweep, stacks, trainer, source, fp)
