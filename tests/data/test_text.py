@@ -85,3 +85,14 @@ def test_missing_and_unsupported_paths(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DatasetError, match="not a supported"):
         iter_documents(str(tmp_path / "x.csv"))
+
+
+def test_the_hub_reader_streams(tmp_path):
+    """The hub path (datasets.load_dataset(..., streaming=True)) run on a local data folder, as the hub would
+    serve it: records in order, empty ones skipped by iter_documents, a missing field named."""
+    from sparse_coding.data.text import _read_hub
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    assert [d for d in _read_hub(str(tmp_path), "text", "train") if d] == [d for d in DOCS if d]
+    with pytest.raises(DatasetError, match="no text field 'body'"):
+        next(_read_hub(str(tmp_path), "body", "train"))
