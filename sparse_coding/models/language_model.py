@@ -127,8 +127,7 @@ class LanguageModel:
             if root is self.base:
                 return path
             names = {id(m): n for n, m in self.base.named_modules()}
-            if id(module) in names:  # the head class's path to a module of the base model
-                return names[id(module)]
+            return names.get(id(module), path)  # the head class's path to a module of the base model, or its own
         last = path.split(".")[-1]
         near = [n for n, _ in self.base.named_modules() if n and n.split(".")[-1] == last]
         hint = f"; modules with that ending: {', '.join(near[:6])}" if near else ""
@@ -150,7 +149,11 @@ class LanguageModel:
     def _attach(self, hook: Hook, fn: Callable[[Tensor], Tensor | None], rows: torch.Size) -> RemovableHandle:
         """Calls fn on the hook's value, as [B, T, d] for token rows of shape [B, T], at each forward; a tensor
         it returns replaces that value. (Some modules see tokens flattened: OPT's fc1/fc2 take [B·T, d].)"""
-        module = self.base.get_submodule(self._canonical(hook.module))
+        path = self._canonical(hook.module)
+        try:
+            module = self.base.get_submodule(path)
+        except AttributeError:  # a module of the head class outside the base model (lm_head, cls.predictions)
+            module = self.model.get_submodule(path)
 
         def call(value: Any) -> Any:
             if not isinstance(value, Tensor):

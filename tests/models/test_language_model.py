@@ -13,11 +13,13 @@ def test_hf_hooks_equal_the_models_own_activations(hf_folder):
     assert lm.hook_for(0, "mlp_out") == "h.0.mlp"
     assert lm.hook_for(0, "attn") == "h.0.attn"
     assert lm.resolve_hook("transformer.h.0.mlp") == "h.0.mlp"  # the head class's names are accepted too
+    assert lm.resolve_hook("lm_head:input") == "lm_head:input"  # and its modules outside the base model
     tokens = torch.randint(0, 300, (3, 10))
     with torch.no_grad():
         hidden = lm.model(input_ids=tokens, output_hidden_states=True).hidden_states
-    acts = lm.activations(tokens, ["h.0", "h.1.mlp.act"])
+    acts = lm.activations(tokens, ["h.0", "h.1.mlp.act", "lm_head:input"])
     assert torch.allclose(acts["h.0"], hidden[1], atol=1e-6)
+    assert torch.allclose(acts["lm_head:input"], hidden[-1], atol=1e-6)  # the last hidden state, after ln_f
     assert acts["h.1.mlp.act"].shape == (3, 10, 128)
     with pytest.raises(ModelError, match="out of range"):
         lm.hook_for(2, "mlp")
