@@ -3,6 +3,7 @@ headless checkpoints, several hooks in one run, a folder of your own activations
 transcoders on our nanoGPT's MLP that SAELens loads."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def test_several_hooks_in_one_run(tmp_path, corpus):
     assert [(m["hook_name"], m["layer"], m["layer_loc"]) for m in manifests] == [
         (h, i, "mlp") for i, h in enumerate(hooks)
     ]
+    # A run stopped after its first hook's sweep (the second hook's folder and the index not yet written)
+    # keeps that sweep and does the rest: the same results.
+    first = out / index["by_hook"][hooks[0]]["folder"] / "results.json"
+    kept = first.read_bytes()
+    shutil.rmtree(out / index["by_hook"][hooks[1]]["folder"])
+    (out / "results.json").unlink()
+    again = _run(model, corpus, out, "--layers", "0", "1", "--activations_dir", str(tmp_path / "acts"))
+    assert first.read_bytes() == kept and again["by_hook"] == index["by_hook"]
 
 
 @pytest.mark.parametrize("skip", [False, True])
