@@ -29,6 +29,7 @@ from sparse_coding.files import read_json, write_json
 SUFFIXES = (".safetensors", ".npy")
 TOKENS_SUFFIX = ".tokens.npy"  # a .npy file's tokens beside it
 FLOATS = {"float16", "bfloat16", "float32", "float64"}
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}  # safetensors' names
 CHECK_ROWS = 65_536  # rows read at a time while checking a file for NaN and inf
 
 
@@ -129,9 +130,6 @@ def _describe(f: Path) -> tuple[str | None, tuple[int, ...], str]:
             return name, tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
     except (SafetensorError, OSError) as e:
         raise StoreError(f"{f} is not a readable safetensors file ({e})") from None
-
-
-_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
 def _npy(f: Path) -> np.ndarray:
