@@ -51,6 +51,7 @@ bench: setup
 	$(PY) bench/sae_step.py --arch relu --d_in 512 --d_sae 8192 --batch 4096
 	$(PY) bench/sae_step.py --arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096
 	$(PY) bench/sae_step.py --arch relu --d_in 128 --d_sae 1024 --batch 4096 --n_models 8
+	$(PY) bench/stream_memory.py  # writes (then deletes) a 1 GB corpus in a temporary folder
 
 clean:
 	rm -rf $(VENV) outputs

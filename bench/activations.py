@@ -20,8 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sparse_coding.activations.batches import ChunkSource  # noqa: E402
-from sparse_coding.activations.store import ActivationDataset, cache_activations  # noqa: E402
-from sparse_coding.models.language_model import LanguageModel, Tokenizer, load_language_model  # noqa: E402
+from sparse_coding.activations.store import ActivationDataset, StoreSpec, cache_activations  # noqa: E402
+from sparse_coding.data.text import TensorRows  # noqa: E402
+from sparse_coding.models.language_model import LanguageModel, load_language_model  # noqa: E402
+from sparse_coding.models.tokenizer import Tokenizer  # noqa: E402
 from sparse_coding.training.config import SweepConfig  # noqa: E402
 from sparse_coding.training.trainer import Trainer, build_stacks  # noqa: E402
 from utils import tune_allocator  # noqa: E402
@@ -34,8 +36,8 @@ def random_gpt2(n_embd: int, n_layer: int, ctx: int) -> LanguageModel:
     model = GPT2LMHeadModel(
         GPT2Config(vocab_size=8192, n_positions=ctx, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64))
     )
-    tok = Tokenizer(encode_batch=lambda t: [], decode_tokens=lambda ids: [], eos_id=0, name="none")
-    return LanguageModel(model, tok, f"random-gpt2-{n_embd}x{n_layer}")
+    tok = Tokenizer(encode_batch=lambda t: [], decode_tokens=lambda ids: [], name="none")
+    return LanguageModel(model, tok, f"random-gpt2-{n_embd}x{n_layer}", family="gpt2", base=model.transformer)
 
 
 class MemorySource:
@@ -93,8 +95,8 @@ def main() -> None:
     vocab = lm.model.get_input_embeddings().num_embeddings
     tokens = torch.randint(0, vocab, (a.rows_per_chunk * a.n_chunks, a.ctx), generator=torch.Generator().manual_seed(0))
 
-    def forward(t: torch.Tensor) -> torch.Tensor:
-        return lm.activations(t, hook).float().cpu()
+    def forward(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {hook: lm.activations(t, [hook])[hook].float().cpu()}
 
     def forward_only() -> float:
         start = time.perf_counter()
@@ -104,10 +106,9 @@ def main() -> None:
 
     def caching(folder: Path) -> float:
         start = time.perf_counter()
-        ident = {"model": lm.name, "hook_name": hook, "dtype": a.dtype}
-        cache_activations(
-            folder, ident, tokens, forward, a.n_chunks, a.rows_per_chunk, a.model_batch_size, progress=False
-        )
+        spec = StoreSpec(folder, {"model": lm.name, "hook_name": hook, "dtype": a.dtype}, hook)
+        rows = TensorRows(tokens)
+        cache_activations([spec], rows, forward, a.n_chunks, a.rows_per_chunk, a.model_batch_size, progress=False)
         return time.perf_counter() - start
 
     forward(tokens[: a.model_batch_size])  # warm-up

@@ -35,7 +35,8 @@ def hf_folder(tmp_path_factory):
 def tl_model():
     from lm_fixtures import make_hooked_transformer
 
-    from sparse_coding.models.language_model import Tokenizer, TransformerLensModel
+    from sparse_coding.models.language_model import TransformerLensModel
+    from sparse_coding.models.tokenizer import Tokenizer
 
     model, tok = make_hooked_transformer()
     return TransformerLensModel(model, Tokenizer.from_hf(tok, "tiny-bpe"), "tiny-tl")

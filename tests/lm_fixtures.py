@@ -82,6 +82,16 @@ def make_hooked_transformer(seed: int = 0):
     return HookedTransformer(cfg), tok
 
 
+def make_nanogpt(folder: Path, seed: int = 0) -> Path:
+    """Saves a random 2-layer nanoGPT checkpoint (our own model's format) with its tokenizer to folder."""
+    from sparse_coding.models.nanogpt import GPT, GPTConfig, save_checkpoint
+
+    tok = make_tokenizer(sentences(400))
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=len(tok)))
+    return save_checkpoint(folder, model, tok, {"val_loss": 0.0, "unigram_entropy": 0.0, "tokens_seen": 0})
+
+
 def write_corpus(folder: Path, n_docs: int = 300) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "docs.jsonl"

@@ -7,15 +7,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from sparse_coding.activations.store import ActivationDataset
+from sparse_coding.activations.store import ActivationDataset, Chunk
 from sparse_coding.errors import StoreError
 
 
+def training_rows(chunk: Chunk) -> Tensor:
+    """Gives a chunk's rows as the trainer takes them: [n, d], or a transcoder's [n, d + d_out] (input and
+    target side by side, so one shuffle keeps the pairs together)."""
+    if chunk.targets is None:
+        return chunk.activations
+    return torch.cat([chunk.activations, chunk.targets.to(chunk.activations.dtype)], dim=1)
+
+
 class ChunkSource:
-    """Training batches drawn from a set of chunks, shuffled across chunks: each epoch visits the chunks in a
-    seeded random order, `mix_chunks` at a time; the rows of those chunks are pooled and shuffled, then cut into
-    batches. The position (epoch, group, offset) is the whole state, so a resumed run sees the same batches.
-    The next group loads in a background thread while the current one trains."""
+    """Training batches drawn from a set of chunks (their `training_rows`), shuffled across chunks: each epoch
+    visits the chunks in a seeded random order, `mix_chunks` at a time; the rows of those chunks are pooled and
+    shuffled, then cut into batches. The position (epoch, group, offset) is the whole state, so a resumed run
+    sees the same batches. The next group loads in a background thread while the current one trains."""
 
     def __init__(
         self, data: ActivationDataset, chunk_ids: list[int], seed: int, device: torch.device, mix_chunks: int = 2
@@ -37,7 +45,7 @@ class ChunkSource:
 
     def _load_group(self, epoch: int, group: int) -> Tensor:
         ids = self._groups(epoch)[group]
-        pool = torch.cat([self.data.load_chunk(i)[0] for i in ids])
+        pool = torch.cat([training_rows(self.data.load_chunk(i)) for i in ids])
         g = torch.Generator().manual_seed(self.seed * 7_919 + epoch * 104_729 + group)
         return pool[torch.randperm(pool.shape[0], generator=g)].to(self.device, non_blocking=True)
 

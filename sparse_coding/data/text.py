@@ -1,20 +1,29 @@
-"""Text in, token rows out: hub data sets through `datasets.load_dataset`, local .jsonl/.json/.txt/.parquet files
-or folders of them, GPT-style chunk-and-tokenize (documents joined by EOS, cut into fixed rows, ragged tail
-dropped), with the bytes-per-token ratio kept so losses convert to bits per byte."""
+"""Text in, token rows out, as a stream: documents are read one at a time (hub data sets with
+`datasets.load_dataset(..., streaming=True)`, local .jsonl/.json/.txt/.parquet files or folders of them),
+tokenized in batches, joined with a separator token and cut into rows of max_length tokens on demand. Memory
+holds one batch of documents and the rows asked for, whatever the corpus's size, and reading stops once
+enough rows exist. The bytes-per-token ratio of what was read is kept, so losses convert to bits per byte.
+
+Local files must be UTF-8; a file that is not, or a malformed line or record, stops the run with one error
+naming the file (and line). A .txt file is one document, read whole; a .json file holding one JSON array is
+parsed whole; .jsonl and .parquet files are read record by record.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sparse_coding.errors import DatasetError
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+TOKENIZE_BATCH = 256  # documents per call of the (Rust, multi-threaded) batch tokenizer
 
 
 def local_files(path: Path) -> list[Path]:
@@ -25,98 +34,170 @@ def local_files(path: Path) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
     bad = [p for p in files if p.suffix not in LOCAL_SUFFIXES]
     if bad:
-        raise DatasetError(f"{bad[0]} is not a supported text file (use {', '.join(sorted(LOCAL_SUFFIXES))})")
+        raise DatasetError(f"{bad[0]} is not a supported text file (use {', '.join(LOCAL_SUFFIXES)})")
     if not files:
-        raise DatasetError(f"no {'/'.join(sorted(LOCAL_SUFFIXES))} files under {path}")
+        raise DatasetError(f"no {'/'.join(LOCAL_SUFFIXES)} files under {path}")
     return files
 
 
-def load_texts(name: str, text_field: str = "text", split: str = "train", max_docs: int = 0) -> list[str]:
-    """Gives the documents of a hub data set (by name) or of local files (by path), in order."""
-    import datasets  # slow to import; only needed when text is actually read
-
+def iter_documents(name: str, text_field: str = "text", split: str = "train", max_docs: int = 0) -> Iterator[str]:
+    """Yields the non-empty documents of a hub data set (by name) or of local files (by path), in order, at most
+    max_docs of them (0: all)."""
     path = Path(name).expanduser()
     if path.exists():
-        texts: list[str] = []
-        for f in local_files(path):
-            if f.suffix == ".txt":  # one document per file
-                texts.append(f.read_text(encoding="utf-8", errors="replace"))
-                continue
-            if f.stat().st_size == 0:
-                continue
-            try:
-                ds = datasets.load_dataset(LOCAL_SUFFIXES[f.suffix], data_files=str(f), split="train")
-                texts.extend(_column(ds, text_field, str(f)))  # text is decoded here: bad UTF-8 surfaces now
-            except DatasetError:
-                raise
-            except Exception as e:  # malformed JSON/parquet or bad UTF-8 surface as many exception types
-                raise DatasetError(f"cannot read {f}: {type(e).__name__}: {e}") from None
-    elif name.startswith((".", "/", "~")) or name.endswith(tuple(LOCAL_SUFFIXES)):
+        docs = (doc for f in local_files(path) for doc in _read_file(f, text_field))
+    elif name.startswith((".", "/", "~")) or name.endswith(LOCAL_SUFFIXES):
         raise DatasetError(f"dataset {name!r} not found")
     else:
+        docs = _read_hub(name, text_field, split)
+    docs = (d for d in docs if d)
+    return islice(docs, max_docs) if max_docs else docs
+
+
+def _read_file(f: Path, field: str) -> Iterator[str]:
+    if f.suffix == ".txt":
+        yield _utf8(f.read_bytes(), str(f))
+    elif f.suffix == ".parquet":
+        yield from _read_parquet(f, field)
+    elif f.suffix == ".json" and _starts_with(f, b"["):
         try:
-            ds = datasets.load_dataset(name, split=split)
-        except Exception as e:  # the hub, the network or the name: say which data set and why, in one line
-            raise DatasetError(f"cannot load dataset {name!r} from the hub: {type(e).__name__}: {e}") from e
-        texts = _column(ds, text_field, name)
-    texts = [t for t in texts if t]
-    if max_docs:
-        texts = texts[:max_docs]
-    if not texts:
-        raise DatasetError(f"dataset {name!r} holds no text")
-    return texts
+            records = json.loads(_utf8(f.read_bytes(), str(f)))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{f} is not valid JSON: {e}") from None
+        for i, record in enumerate(records):
+            yield _text(record, field, f"{f} record {i}")
+    else:  # JSON Lines (.jsonl, or a .json file of one object per line)
+        with f.open("rb") as lines:
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    where = f"{f} line {n}"
+                    try:
+                        record = json.loads(_utf8(line, where))
+                    except json.JSONDecodeError as e:
+                        raise DatasetError(f"{where} is not valid JSON: {e}") from None
+                    yield _text(record, field, where)
 
 
-def _column(ds: object, field: str, where: str) -> list[str]:
-    names = getattr(ds, "column_names", [])
-    if field not in names:
-        raise DatasetError(f"{where} has no text field {field!r} (fields: {', '.join(names) or 'none'})")
-    return [str(t) for t in ds[field]]  # type: ignore[index]
+def _starts_with(f: Path, prefix: bytes) -> bool:
+    with f.open("rb") as fh:
+        return fh.read(4096).lstrip().startswith(prefix)
 
 
-@dataclass
-class TokenRows:
-    tokens: Tensor  # [n_rows, max_length] int64
-    n_bytes: int  # UTF-8 bytes of the text the kept rows came from (pro rata for the dropped tail)
-    n_docs: int
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from None
+
+
+def _text(record: Any, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where} is a JSON {type(record).__name__}, not an object with a {field!r} field")
+    if field not in record:
+        raise DatasetError(f"{where} has no text field {field!r} (fields: {', '.join(record) or 'none'})")
+    value = record[field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")  # JSON escapes can make lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as e:
+        raise DatasetError(f"{where}: field {field!r} is not valid Unicode ({e.reason})") from None
+    return value
+
+
+def _read_parquet(f: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+        if field not in pf.schema_arrow.names:
+            raise DatasetError(f"{f} has no text field {field!r} (fields: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                yield _text({field: value}, field, str(f))
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"cannot read {f}: {type(e).__name__}: {e}") from None
+
+
+def _read_hub(name: str, field: str, split: str) -> Iterator[str]:
+    import datasets  # slow to import; only needed when a hub data set is read
+
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        for record in ds:
+            yield _text(record, field, f"dataset {name!r}")
+    except DatasetError:
+        raise
+    except Exception as e:  # the hub, the network or the name: say which data set and why, in one line
+        raise DatasetError(f"cannot read dataset {name!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+class TokenStream:
+    """Documents → token ids with the separator after each document → rows of max_length tokens, on demand.
+
+    Tokenizes TOKENIZE_BATCH documents at a time and holds only what is not yet handed out, so memory does not
+    grow with the corpus. Counts what it has read: documents, their UTF-8 bytes and the tokens they gave."""
+
+    def __init__(
+        self,
+        docs: Iterable[str],
+        encode_batch: Callable[[list[str]], Sequence[Sequence[int]]],
+        separator_id: int,
+        max_length: int,
+        name: str = "the text",
+    ):
+        """name: the data set's name, for the error when it holds no document at all."""
+        if max_length <= 0:
+            raise ValueError("max_length must be positive")
+        self._docs, self._encode, self.separator_id, self.max_length = iter(docs), encode_batch, separator_id, max_length
+        self.name = name
+        self._buffer: list[int] = []
+        self._start = 0  # ids before it are handed out
+        self.n_docs = self.n_bytes = self.n_tokens = self.n_rows = 0
 
     @property
     def bytes_per_token(self) -> float:
-        return self.n_bytes / max(1, self.tokens.numel())
+        return self.n_bytes / max(1, self.n_tokens)
 
-    def bits_per_byte(self, loss_nats_per_token: float) -> float:
-        """Converts a loss in nats per token to bits per byte of the underlying text."""
-        return loss_nats_per_token / math.log(2) / self.bytes_per_token
+    def _read_batch(self) -> bool:
+        docs = list(islice(self._docs, TOKENIZE_BATCH))
+        if not docs:
+            return False
+        del self._buffer[: self._start]
+        self._start = 0
+        for doc, ids in zip(docs, self._encode(docs), strict=True):
+            self._buffer.extend(ids)
+            self._buffer.append(self.separator_id)
+            self.n_tokens += len(ids) + 1
+            self.n_bytes += len(doc.encode("utf-8"))
+        self.n_docs += len(docs)
+        return True
+
+    def take(self, n_rows: int) -> Tensor | None:
+        """Gives the next n_rows rows [n_rows, max_length] (int64), or None when the text runs out first."""
+        need = n_rows * self.max_length
+        while len(self._buffer) - self._start < need:
+            if not self._read_batch():
+                if self.n_docs == 0:
+                    raise DatasetError(f"dataset {self.name!r} holds no text")
+                return None
+        rows = torch.tensor(self._buffer[self._start : self._start + need], dtype=torch.long)
+        self._start += need
+        self.n_rows += n_rows
+        return rows.view(n_rows, self.max_length)
 
 
-def chunk_and_tokenize(
-    texts: Sequence[str],
-    encode_batch: Callable[[list[str]], Iterable[Sequence[int]]],
-    eos_id: int,
-    max_length: int,
-    max_rows: int = 0,
-) -> TokenRows:
-    """Joins the documents with EOS between them and cuts the stream into rows of max_length tokens
-    (the ragged tail is dropped); stops once max_rows rows exist when max_rows > 0."""
-    if max_length <= 0:
-        raise ValueError("max_length must be positive")
-    stream: list[int] = []
-    n_bytes = n_docs = 0
-    batch = 256
-    for start in range(0, len(texts), batch):
-        docs = list(texts[start : start + batch])
-        for doc, ids in zip(docs, encode_batch(docs), strict=True):
-            stream.extend(ids)
-            stream.append(eos_id)
-            n_bytes += len(doc.encode("utf-8"))
-            n_docs += 1
-        if max_rows and len(stream) >= max_rows * max_length:
-            break
-    n_rows = len(stream) // max_length
-    if max_rows:
-        n_rows = min(n_rows, max_rows)
-    if n_rows == 0:
-        raise DatasetError(f"the text gives {len(stream)} tokens, fewer than one row of max_length={max_length}")
-    kept = n_rows * max_length
-    tokens = torch.tensor(stream[:kept], dtype=torch.long).view(n_rows, max_length)
-    return TokenRows(tokens=tokens, n_bytes=round(n_bytes * kept / len(stream)), n_docs=n_docs)
+class TensorRows:
+    """Rows already tokenized, [N, T], handed out as a TokenStream hands them (for benches and tests)."""
+
+    def __init__(self, tokens: Tensor):
+        self.tokens, self.at = tokens, 0
+
+    def take(self, n_rows: int) -> Tensor | None:
+        if self.at + n_rows > len(self.tokens):
+            return None
+        self.at += n_rows
+        return self.tokens[self.at - n_rows : self.at]

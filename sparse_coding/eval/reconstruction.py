@@ -1,58 +1,130 @@
 """Scoring trained stacks on held-out data: reconstruction statistics on stored activations, and CE loss
-recovered and KL through the language model with each SAE's reconstruction spliced in at its hook."""
+recovered and KL through the language model with each SAE's output spliced in at its hook.
+
+Through the model, only a language-model head loaded from the checkpoint is used (LanguageModel.head):
+- causal: next-token cross-entropy at positions 0..T-2; KL over every position (as before this option existed).
+- masked: a seeded MASK_FRACTION of the kept positions of each row is replaced by the mask token; CE and KL are
+  over those positions only: how well the model still fills in masked tokens.
+The SAE's output replaces the activation at the positions whose (original) token the store keeps; excluded
+special tokens keep their own activation, and zero ablation zeroes exactly the same positions. A transcoder reads
+the module's input and replaces its output.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from sparse_coding.eval import metrics
-from sparse_coding.models.language_model import LanguageModel, next_token_ce
+from sparse_coding.models.language_model import LanguageModel
 from sparse_coding.saes import SAE
+
+MASK_FRACTION = 0.15  # BERT's share of masked tokens
 
 
 @torch.no_grad()
 def evaluate(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> list[metrics.ReconstructionStats]:
-    """Gives reconstruction statistics of every stack on held-out activations x_eval [N, d]."""
+    """Gives reconstruction statistics of every stack on held-out rows x_eval [N, d] (a transcoder's [N,
+    d_in + d_out]: input and target side by side)."""
     meters = [metrics.ReconstructionMeter() for _ in stacks]
-    for xb in x_eval.split(batch_size):
-        xb = xb.float()
+    for batch in x_eval.split(batch_size):
+        x, target = stacks[0].split_batch(batch.float())
         for sae, meter in zip(stacks, meters, strict=True):
-            codes = sae.encode(xb)
-            meter.update(xb, sae.decode(codes), codes)
+            codes = sae.encode(x)
+            meter.update(target, sae.decode(codes, x), codes)
     return [m.result() for m in meters]
 
 
+@dataclass
+class Scoring:
+    """What the model reads and which positions count, for rows tokens [R, T]."""
+
+    inputs: Tensor  # [R, T] the tokens fed (masked LMs: some replaced by the mask token)
+    targets: Tensor  # [R, T] the token each position should predict (0 where nothing is scored)
+    ce: Tensor  # [R, T] bool: positions whose cross-entropy counts
+    kl: Tensor  # [R, T] bool: positions whose KL counts
+    splice: Tensor  # [R, T] bool: positions where the SAE's output replaces the activation
+
+
+def scoring(lm: LanguageModel, tokens: Tensor, excluded: Sequence[int], seed: int = 0) -> Scoring:
+    """Gives the scoring of rows tokens [R, T] for the model's head (see the module docstring)."""
+    kept = ~torch.isin(tokens, torch.tensor(list(excluded), dtype=tokens.dtype))
+    if lm.head == "causal":
+        targets = torch.zeros_like(tokens)
+        targets[:, :-1] = tokens[:, 1:]
+        ce = torch.zeros_like(kept)
+        ce[:, :-1] = True
+        return Scoring(tokens, targets, ce, torch.ones_like(kept), kept)
+    if lm.head == "masked":
+        g = torch.Generator().manual_seed(seed)
+        chosen = (torch.rand(tokens.shape, generator=g) < MASK_FRACTION) & kept
+        inputs = tokens.masked_fill(chosen, lm.tokenizer.special["mask"][1])
+        return Scoring(inputs, tokens, chosen, chosen, kept)
+    raise ValueError(f"{lm.name} has no trained language-model head ({lm.head_note})")
+
+
 @torch.no_grad()
-def ce_and_kl(lm: LanguageModel, hook: str, stack: SAE, tokens: Tensor, budget: int = 2**27) -> dict[str, Tensor]:
-    """CE loss recovered and KL for every SAE of a stack on held-out rows tokens [R, T]; the M models run as
-    one batch of M·r rows, r chosen so the biggest intermediate stays under `budget` elements."""
+def ce_and_kl(
+    lm: LanguageModel,
+    hook: str,
+    stack: SAE,
+    tokens: Tensor,
+    excluded: Sequence[int] = (),
+    source: str | None = None,
+    budget: int = 2**27,
+) -> dict[str, Tensor]:
+    """CE loss recovered and KL for every SAE of a stack on held-out rows tokens [R, T]. A transcoder reads
+    `source` (the module's input) and replaces `hook` (its output). The M models run as one batch of M·r rows,
+    r chosen so the biggest intermediate stays under `budget` elements."""
     M, (R, T) = stack.n_models, tokens.shape
-    sums = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_sae": torch.zeros(M), "kl": torch.zeros(M)}
-    probe = lm.logits(tokens[:1])
+    s = scoring(lm, tokens, excluded)
+    totals = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_sae": torch.zeros(M, dtype=torch.float64)}
+    totals["kl"] = torch.zeros(M, dtype=torch.float64)
+    probe = lm.logits(s.inputs[:1])
     r = max(1, min(R, budget // (M * T * max(probe.shape[-1], stack.d_sae))))
     for start in range(0, R, r):
-        rows = tokens[start : start + r]
-        n = rows.shape[0]
-        clean = lm.logits(rows)
-        zero = lm.logits(rows, hook, torch.zeros_like)
+        rows = slice(start, start + r)
+        inputs, splice, ce, kl, targets = s.inputs[rows], s.splice[rows], s.ce[rows], s.kl[rows], s.targets[rows]
+        n = inputs.shape[0]
 
-        def splice(act: Tensor) -> Tensor:
-            x = act.reshape(M, -1, act.shape[-1])  # [M, n·T, d]: model m's copy of the rows
-            return stack.decode(stack.encode(x.float())).to(act.dtype).reshape(act.shape)
+        def zero(act: Tensor, _src: Tensor, where: Tensor = splice) -> Tensor:
+            return act.masked_fill(where[..., None].to(act.device), 0)
 
-        spliced = lm.logits(rows.repeat(M, 1), hook, splice).view(M, n, T, -1)
-        sums["ce_clean"] += float(next_token_ce(clean, rows)) * n
-        sums["ce_zero"] += float(next_token_ce(zero, rows)) * n
+        splice_m = splice.repeat(M, 1)  # the M models' copies of the rows, one after another
+
+        def reconstruct(act: Tensor, src: Tensor, where: Tensor = splice_m) -> Tensor:
+            x = src.reshape(M, -1, src.shape[-1]).float()  # [M, n·T, d_in]: model m's copy of the rows
+            out = stack.reconstruct(x).to(act.dtype).reshape(act.shape)
+            return torch.where(where[..., None].to(act.device), out, act)
+
+        clean = lm.logits(inputs)
+        zeroed = lm.logits(inputs, hook, zero, source)
+        spliced = lm.logits(inputs.repeat(M, 1), hook, reconstruct, source).view(M, n, T, -1)
+        totals["ce_clean"] += _ce_sum(clean, targets, ce)
+        totals["ce_zero"] += _ce_sum(zeroed, targets, ce)
         for m in range(M):
-            sums["ce_sae"][m] += float(next_token_ce(spliced[m], rows)) * n
-            sums["kl"][m] += float(metrics.kl_divergence(clean, spliced[m])) * n
-    ce_clean, ce_zero = sums["ce_clean"] / R, sums["ce_zero"] / R
-    ce_sae = sums["ce_sae"] / R
-    return {
+            totals["ce_sae"][m] += _ce_sum(spliced[m], targets, ce)
+            at = kl.to(clean.device)
+            totals["kl"][m] += float(metrics.kl_divergence(clean[at], spliced[m][at])) * int(kl.sum())
+    n_ce, n_kl = int(s.ce.sum()), int(s.kl.sum())
+    if n_ce == 0 or n_kl == 0:  # no position to score (e.g. nothing masked in very few rows): null, not NaN
+        return {k: torch.full((M,), float("nan")) for k in ("ce_clean", "ce_zero", "ce_sae", "ce_loss_recovered", "kl")}
+    ce_clean, ce_zero, ce_sae = totals["ce_clean"] / n_ce, totals["ce_zero"] / n_ce, totals["ce_sae"] / n_ce
+    return {  # the ratio in float64: its denominator can be small
         "ce_clean": torch.full((M,), ce_clean),
         "ce_zero": torch.full((M,), ce_zero),
-        "ce_sae": ce_sae,
-        "ce_loss_recovered": metrics.ce_loss_recovered(ce_clean, ce_zero, ce_sae),
-        "kl": sums["kl"] / R,
+        "ce_sae": ce_sae.float(),
+        "ce_loss_recovered": metrics.ce_loss_recovered(ce_clean, ce_zero, ce_sae).float(),
+        "kl": (totals["kl"] / n_kl).float(),
     }
+
+
+def _ce_sum(logits: Tensor, targets: Tensor, where: Tensor) -> float:
+    """Summed cross-entropy (nats) of logits [n, T, V] at the positions `where` [n, T] against targets."""
+    where = where.to(logits.device)
+    per_position = F.cross_entropy(logits[where].float(), targets.to(logits.device)[where], reduction="none")
+    return float(per_position.double().sum())  # summed in float64: CE_zero − CE_clean can be small

@@ -1,9 +1,12 @@
-"""Language models behind one small interface: activations at a hook (the forward pass stops right after it)
-and logits with the hook's output replaced (for CE loss recovered / KL).
+"""Language models behind one small interface: activations at one or more hooks from one forward pass (which
+stops once the last of them is reached), and logits with a hook's value replaced (CE loss recovered / KL).
 
-Three families: TransformerLens models by name (hook names such as blocks.2.hook_mlp_out), any Hugging Face
-`transformers` model from a local folder or the hub (hook = a module path such as transformer.h.2.mlp), and our
-own nanoGPT checkpoints (module paths laid out like GPT-2's).
+Three kinds of model: Hugging Face `transformers` models from a folder or the hub (hf.py), TransformerLens models
+by name, and our nanoGPT checkpoints. A hook is a module path of the base model (what `AutoModel` prints, e.g.
+`layers.3.mlp`; the head class's own path, `model.layers.3.mlp`, is accepted too), optionally ending in ":input"
+for the module's input rather than its output. TransformerLens hook points (`blocks.3.hook_mlp_out`) are
+modules too, so the same code reaches them. `--layer`/`--layer_loc` map to a hook through the family's layout
+(layouts.py).
 """
 
 from __future__ import annotations
@@ -15,238 +18,258 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from sparse_coding.errors import ModelError
+from sparse_coding.models.layouts import INPUT, LAYOUTS, Layout, infer_layout
+from sparse_coding.models.tokenizer import Tokenizer
 
-# mlp: the MLP's hidden neurons after the nonlinearity (the original research code's choice; the widest and most
-# polysemantic place); mlp_out: the MLP's output; residual: the residual stream after the block; attn: attention output.
 LAYER_LOCS = ("mlp", "mlp_out", "residual", "attn")
-Replace = Callable[[Tensor], Tensor]  # [B, T, d] → [B, T, d]
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEADS = ("causal", "masked")  # what a trained LM head predicts: the next token, or masked tokens
+# (the hook's value, the source hook's value) → the value the model goes on with. The source is the hook's own
+# value unless `logits` is given another source hook (a transcoder reads a module's input, replaces its output).
+Replace = Callable[[Tensor, Tensor], Tensor]
 
 
-@dataclass
-class Tokenizer:
-    """What the pipeline needs of a tokenizer, for HF tokenizers and `tokenizers.Tokenizer` alike."""
+@dataclass(frozen=True)
+class Hook:
+    """A module path and which side of the module: its output (the default) or its input (":input")."""
 
-    encode_batch: Callable[[list[str]], list[list[int]]]
-    decode_tokens: Callable[[Sequence[int]], list[str]]  # one string per token id
-    eos_id: int
-    name: str
-
-    @classmethod
-    def from_hf(cls, tok: Any, name: str) -> Tokenizer:
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
-        if eos is None:
-            raise ModelError(f"tokenizer of {name} has no EOS (or BOS) token to separate documents")
-        return cls(
-            encode_batch=lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
-            decode_tokens=lambda ids: [tok.decode([i]) for i in ids],
-            eos_id=int(eos),
-            name=getattr(tok, "name_or_path", "") or name,
-        )
+    module: str
+    input: bool = False
 
     @classmethod
-    def from_tokenizers(cls, tok: Any, name: str, eos_token: str = "<|endoftext|>") -> Tokenizer:
-        eos = tok.token_to_id(eos_token)
-        if eos is None:
-            raise ModelError(f"tokenizer of {name} has no {eos_token!r} token")
-        return cls(
-            encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
-            decode_tokens=lambda ids: [tok.decode([i]) for i in ids],
-            eos_id=int(eos),
-            name=name,
-        )
+    def parse(cls, name: str) -> Hook:
+        module, sep, side = name.partition(":")
+        if sep and side != INPUT[1:]:
+            raise ModelError(f"hook {name!r}: a module path may end in {INPUT!r} (its input) and nothing else")
+        return cls(module, bool(sep))
+
+    def __str__(self) -> str:
+        return self.module + (INPUT if self.input else "")
 
 
 class _Stop(Exception):
-    """Raised by a capture hook to end the forward pass once the hooked activation is in hand."""
+    """Raised by a capture hook to end the forward pass once every hooked activation is in hand."""
 
 
 class LanguageModel:
-    """A model, its tokenizer and how to reach a hook. Subclasses differ only in how hooks are attached."""
+    """A model, its tokenizer, where its hooks are and what its LM head (if any, and trained) predicts.
 
-    family = "module"
+    model: what runs forward (the head class when there is a trained head); base: the module tree hook names
+    are relative to (the base model); head: "causal", "masked" or None; head_note says why there is none."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, name: str, has_lm_head: bool = True):
-        self.model, self.tokenizer, self.name, self.has_lm_head = model.eval(), tokenizer, name, has_lm_head
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        name: str,
+        family: str,
+        head: str | None = "causal",
+        base: nn.Module | None = None,
+        head_note: str = "",
+    ):
+        self.model, self.tokenizer, self.name, self.family = model.eval(), tokenizer, name, family
+        self.base = base if base is not None else model
+        self.head, self.head_note = head, head_note
+        self.layout: Layout | None = LAYOUTS.get(family) or infer_layout(self.base)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # --- hooks --------------------------------------------------------------------------------------------
+    def _blocks(self) -> nn.ModuleList:
+        if self.layout is None:
+            raise ModelError(f"cannot find the layers of {self.name}; pass --hook_name")
+        return self.base.get_submodule(self.layout.blocks)
+
     def n_layers(self) -> int:
-        return len(self._blocks()[1])
+        return len(self._blocks())
 
     def hook_for(self, layer: int, layer_loc: str) -> str:
-        """Gives the hook (module path) for a layer and location: mlp output, residual stream, attention output."""
-        if layer_loc not in LAYER_LOCS:
+        """Gives the hook of a layer's location: mlp (neurons), mlp_out, residual, attn; mlp_in for --transcode."""
+        if layer_loc not in (*LAYER_LOCS, "mlp_in"):
             raise ModelError(f"layer_loc must be one of {LAYER_LOCS}, got {layer_loc!r}")
-        path, blocks = self._blocks()
-        if not 0 <= layer < len(blocks):
-            raise ModelError(f"layer {layer} is out of range: {self.name} has layers 0..{len(blocks) - 1}")
-        if layer_loc == "residual":
-            return f"{path}.{layer}"
-        block = f"{path}.{layer}"
-        mlp = _child(blocks[layer], ("mlp", "feed_forward", "ffn"))
-        if layer_loc == "attn":
-            attn = _child(blocks[layer], ("attn", "attention", "self_attn"))
-            if attn:
-                return f"{block}.{attn}"
-        elif mlp and layer_loc == "mlp_out":
-            return f"{block}.{mlp}"
-        elif mlp:
-            act = _child(blocks[layer].get_submodule(mlp), ("act", "gelu", "act_fn", "activation_fn", "activation"))
-            if act:
-                return f"{block}.{mlp}.{act}"
-        raise ModelError(f"cannot place layer_loc {layer_loc!r} in block {block} of {self.name}; pass --hook_name")
+        n = self.n_layers()
+        if not 0 <= layer < n:
+            raise ModelError(f"layer {layer} is out of range: {self.name} has layers 0..{n - 1}")
+        assert self.layout is not None  # _blocks() found it
+        inner = self.layout.loc(layer_loc)
+        if inner is None:
+            raise ModelError(f"{self.name} ({self.family}) has no {layer_loc!r} in its layers; pass --hook_name")
+        hook = f"{self.layout.blocks}.{layer}" + (f".{inner}" if inner else "")
+        return self.resolve_hook(hook)
 
-    def _blocks(self) -> tuple[str, nn.ModuleList]:
-        for path in (
-            "transformer.h",
-            "gpt_neox.layers",
-            "model.layers",
-            "model.decoder.layers",
-            "transformer.layers",
-            "layers",
-            "h",
-        ):
+    def transcode_hooks(self, hook: str) -> tuple[str, str]:
+        """Gives the (input, output) hooks a transcoder over `hook`'s module maps between."""
+        h = Hook.parse(self.resolve_hook(hook))
+        if h.input:
+            raise ModelError(f"--transcode needs a module to replace, not a module's input ({hook!r})")
+        return str(Hook(h.module, input=True)), str(h)
+
+    def mlp_transcode_hooks(self, layer: int) -> tuple[str, str]:
+        """Gives the (input, output) hooks of a layer's MLP, what --transcode maps between by default."""
+        return self.hook_for(layer, "mlp_in"), self.hook_for(layer, "mlp_out")
+
+    def resolve_hook(self, name: str) -> str:
+        """Gives the hook's canonical name (the base model's path), or a ModelError naming near misses."""
+        hook = Hook.parse(name)
+        return str(Hook(self._canonical(hook.module), hook.input))
+
+    def _canonical(self, path: str) -> str:
+        for root in (self.base, self.model):
             try:
-                mod = self.model.get_submodule(path)
+                module = root.get_submodule(path)
             except AttributeError:
                 continue
-            if isinstance(mod, nn.ModuleList):
-                return path, mod
-        lists = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        if not lists:
-            raise ModelError(f"cannot find the layers of {self.name}; pass --hook_name")
-        return max(lists, key=lambda nm: len(nm[1]))
-
-    def check_hook(self, hook_name: str) -> None:
-        try:
-            self.model.get_submodule(hook_name)
-        except AttributeError:
-            near = [n for n, _ in self.model.named_modules() if n and n.split(".")[-1] == hook_name.split(".")[-1]]
-            hint = f"; modules with that ending: {', '.join(near[:6])}" if near else ""
-            raise ModelError(f"{self.name} has no module {hook_name!r}{hint}") from None
+            if root is self.base:
+                return path
+            names = {id(m): n for n, m in self.base.named_modules()}
+            return names.get(id(module), path)  # the head class's path to a module of the base model, or its own
+        last = path.split(".")[-1]
+        near = [n for n, _ in self.base.named_modules() if n and n.split(".")[-1] == last]
+        hint = f"; modules with that ending: {', '.join(near[:6])}" if near else ""
+        raise ModelError(f"{self.name} has no module {path!r}{hint}")
 
     def context_length(self) -> int | None:
         """Gives the longest input the model takes (None when its config does not say)."""
-        cfg = getattr(self.model, "config", None)
-        for key in ("n_positions", "max_position_embeddings", "n_ctx", "block_size"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int):
-                return value
+        for cfg in (getattr(self.model, "config", None), getattr(self.model, "cfg", None)):
+            for key in ("n_positions", "max_position_embeddings", "n_ctx", "block_size"):
+                value = getattr(cfg, key, None)
+                if isinstance(value, int):
+                    return value
         return None
 
     # --- forward passes -----------------------------------------------------------------------------------
     def _forward(self, tokens: Tensor) -> Any:
         return self.model(input_ids=tokens)
 
+    def _attach(self, hook: Hook, fn: Callable[[Tensor], Tensor | None], rows: torch.Size) -> RemovableHandle:
+        """Calls fn on the hook's value, as [B, T, d] for token rows of shape [B, T], at each forward; a tensor
+        it returns replaces that value. (Some modules see tokens flattened: OPT's fc1/fc2 take [B·T, d].)"""
+        path = self._canonical(hook.module)
+        try:
+            module = self.base.get_submodule(path)
+        except AttributeError:  # a module of the head class outside the base model (lm_head, cls.predictions)
+            module = self.model.get_submodule(path)
+
+        def call(value: Any) -> Any:
+            if not isinstance(value, Tensor):
+                raise ModelError(f"hook {hook} gives a {type(value).__name__}, not a tensor; hook a module inside it")
+            flat = value.dim() == 2 and value.shape[0] == rows.numel()
+            new = fn(value.view(*rows, -1) if flat else value)
+            return None if new is None else new.reshape(value.shape)
+
+        if hook.input:
+
+            def pre(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                if args:
+                    new = call(args[0])
+                    return None if new is None else ((new, *args[1:]), kwargs)
+                key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                new = call(kwargs[key])
+                return None if new is None else (args, {**kwargs, key: new})
+
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(_module: nn.Module, _args: Any, output: Any) -> Any:
+            new = call(output[0] if isinstance(output, tuple) else output)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return module.register_forward_hook(post)
+
     @torch.no_grad()
-    def activations(self, tokens: Tensor, hook_name: str) -> Tensor:
-        """tokens [B, T] → the hook's output [B, T, d]; nothing after the hooked module runs."""
-        captured: list[Tensor] = []
+    def activations(self, tokens: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
+        """tokens [B, T] → {hook: its value [B, T, d]} from one forward pass, which stops at the last of them."""
+        wanted = list(dict.fromkeys(hooks))
+        captured: dict[str, Tensor] = {}
 
-        def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
+        def capture(name: str) -> Callable[[Tensor], None]:
+            def fn(value: Tensor) -> None:
+                captured.setdefault(name, value)
+                if len(captured) == len(wanted):
+                    raise _Stop
 
-        handle = self.model.get_submodule(hook_name).register_forward_hook(capture)
+            return fn
+
+        handles = [self._attach(Hook.parse(h), capture(h), tokens.shape) for h in wanted]
         try:
             self._forward(tokens.to(self.device))
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if not captured:
-            raise ModelError(f"the forward pass of {self.name} never reached {hook_name!r}")
-        return captured[0]
+            for handle in handles:
+                handle.remove()
+        missing = [h for h in wanted if h not in captured]
+        if missing:
+            raise ModelError(f"the forward pass of {self.name} never reached {', '.join(missing)}")
+        return captured
 
     @torch.no_grad()
-    def logits(self, tokens: Tensor, hook_name: str | None = None, replace: Replace | None = None) -> Tensor:
-        """tokens [B, T] → logits [B, T, vocab], with the hook's output swapped for replace(output) if given."""
-        handle = None
-        if hook_name is not None and replace is not None:
+    def logits(
+        self, tokens: Tensor, hook: str | None = None, replace: Replace | None = None, source: str | None = None
+    ) -> Tensor:
+        """tokens [B, T] → logits [B, T, vocab], with the hook's value swapped for replace(value, source value),
+        the source being another hook read earlier in the same pass (default: the hook itself)."""
+        handles = []
+        if hook is not None and replace is not None:
+            seen: dict[str, Tensor] = {}
 
-            def swap(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-                if isinstance(output, tuple):
-                    return (replace(output[0]), *output[1:])
-                return replace(output)
+            def remember(value: Tensor) -> None:
+                seen["source"] = value
 
-            handle = self.model.get_submodule(hook_name).register_forward_hook(swap)
+            def swap(value: Tensor) -> Tensor:
+                if source is not None and "source" not in seen:
+                    raise ModelError(f"{source} is not reached before {hook} in {self.name}'s forward pass")
+                return replace(value, seen.get("source", value))
+
+            if source is not None and source != hook:
+                handles.append(self._attach(Hook.parse(source), remember, tokens.shape))
+            handles.append(self._attach(Hook.parse(hook), swap, tokens.shape))
         try:
             out = self._forward(tokens.to(self.device))
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         return out.logits if hasattr(out, "logits") else out
 
 
-def _child(module: nn.Module, names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
-
-
 class NanoGPTModel(LanguageModel):
-    family = "nanogpt"
-
     def _forward(self, tokens: Tensor) -> Any:
         return self.model(tokens)
 
 
 class TransformerLensModel(LanguageModel):
-    """A HookedTransformer; hooks are its hook points (blocks.L.hook_mlp_out, ...)."""
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, name: str):
+        super().__init__(model, tokenizer, name, family="transformer_lens")
 
-    family = "transformer_lens"
-    LOC_HOOKS = {
-        "mlp": "mlp.hook_post",
-        "mlp_out": "hook_mlp_out",
-        "residual": "hook_resid_post",
-        "attn": "hook_attn_out",
-    }
+    def transcode_hooks(self, hook: str) -> tuple[str, str]:
+        raise ModelError(
+            f"{hook!r}: a TransformerLens hook point's input is its output; use --transcode with --layer "
+            "(the MLP's ln2.hook_normalized → hook_mlp_out)"
+        )
 
-    def n_layers(self) -> int:
-        return self.model.cfg.n_layers
-
-    def context_length(self) -> int | None:
-        return self.model.cfg.n_ctx
-
-    def hook_for(self, layer: int, layer_loc: str) -> str:
-        if layer_loc not in LAYER_LOCS:
-            raise ModelError(f"layer_loc must be one of {LAYER_LOCS}, got {layer_loc!r}")
-        if not 0 <= layer < self.n_layers():
-            raise ModelError(f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers() - 1}")
-        return f"blocks.{layer}.{self.LOC_HOOKS[layer_loc]}"
-
-    def check_hook(self, hook_name: str) -> None:
-        if hook_name not in self.model.hook_dict:
-            near = [h for h in self.model.hook_dict if h.endswith(hook_name.split(".")[-1])]
-            hint = f"; e.g. {', '.join(near[:4])}" if near else ""
-            raise ModelError(f"{self.name} has no hook {hook_name!r}{hint}")
-
-    @torch.no_grad()
-    def activations(self, tokens: Tensor, hook_name: str) -> Tensor:
-        parts = hook_name.split(".")
-        stop = int(parts[1]) + 1 if parts[0] == "blocks" and parts[1].isdigit() else None
-        _, cache = self.model.run_with_cache(tokens.to(self.device), names_filter=[hook_name], stop_at_layer=stop)
-        return cache[hook_name]
-
-    @torch.no_grad()
-    def logits(self, tokens: Tensor, hook_name: str | None = None, replace: Replace | None = None) -> Tensor:
-        hooks = [] if hook_name is None or replace is None else [(hook_name, lambda act, hook: replace(act))]
-        return self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=hooks)
+    def _forward(self, tokens: Tensor) -> Any:
+        return self.model(tokens)
 
 
 def load_language_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LanguageModel:
-    """Gives the model named: a local nanoGPT checkpoint or HF folder, else a TransformerLens or HF hub name."""
+    """Gives the model named: a local nanoGPT checkpoint or HF folder, else a TransformerLens or HF hub name.
+    dtype is the forward pass's (--model_dtype)."""
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "train_summary.json").is_file():
             from sparse_coding.models.nanogpt import load_checkpoint
 
             model, tok, _ = load_checkpoint(path)
-            return NanoGPTModel(model.to(device, dtype), _wrap_tokenizer(tok, str(path)), str(path))
-        return _load_hf(str(path), device, dtype)
+            return NanoGPTModel(model.to(device, dtype), Tokenizer.from_hf(tok, str(path)), str(path), "nanogpt")
+        from sparse_coding.models.hf import load_hf
+
+        return load_hf(str(path), device, dtype)
     if name.startswith((".", "/", "~")):
         raise ModelError(f"model folder {name!r} not found")
     from transformer_lens import HookedTransformer
@@ -256,49 +279,24 @@ def load_language_model(name: str, device: torch.device, dtype: torch.dtype = to
         official = get_official_model_name(name)
     except ValueError:
         official = None
-    if official is not None:
-        try:
-            model = HookedTransformer.from_pretrained(official, device=str(device), dtype=dtype)
-        except Exception as e:  # network, hub or conversion: one line naming the model
-            raise ModelError(f"cannot load {name!r} with TransformerLens: {type(e).__name__}: {e}") from e
-        return TransformerLensModel(model, Tokenizer.from_hf(model.tokenizer, official), official)
-    return _load_hf(name, device, dtype)
+    if official is None:
+        from sparse_coding.models.hf import load_hf
 
-
-def _load_hf(name: str, device: torch.device, dtype: torch.dtype) -> LanguageModel:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
+        return load_hf(name, device, dtype)
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        raise ModelError(f"cannot load a tokenizer for {name!r}: {type(e).__name__}: {e}") from e
-    try:
-        model, has_head = AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype), True
-    except ValueError:  # an architecture without a language-model head: activations only, no CE/KL
-        model, has_head = AutoModel.from_pretrained(name, torch_dtype=dtype), False
-    except Exception as e:
-        raise ModelError(f"cannot load model {name!r}: {type(e).__name__}: {e}") from e
-    return LanguageModel(model.to(device), Tokenizer.from_hf(tok, name), name, has_lm_head=has_head)
-
-
-def _wrap_tokenizer(tok: Any, name: str) -> Tokenizer:
-    if hasattr(tok, "token_to_id"):  # a bare `tokenizers.Tokenizer`
-        return Tokenizer.from_tokenizers(tok, name)
-    return Tokenizer.from_hf(tok, name)
-
-
-def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in nats: logits [B, T, V] at positions 0..T-2 predict tokens 1..T-1."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+        model = HookedTransformer.from_pretrained(official, device=str(device), dtype=dtype)
+    except Exception as e:  # network, hub or conversion: one line naming the model
+        raise ModelError(f"cannot load {name!r} with TransformerLens: {type(e).__name__}: {e}") from e
+    return TransformerLensModel(model, Tokenizer.from_hf(model.tokenizer, official), official)
 
 
 def load_tokenizer(name: str) -> Tokenizer:
     """Gives only the tokenizer of a model (no weights): a nanoGPT checkpoint's tokenizer.json, else HF's."""
     path = Path(name).expanduser()
     if path.is_dir() and (path / "train_summary.json").is_file():
-        from tokenizers import Tokenizer as RawTokenizer
+        from sparse_coding.models.nanogpt import load_tokenizer as nanogpt_tokenizer
 
-        return Tokenizer.from_tokenizers(RawTokenizer.from_file(str(path / "tokenizer.json")), str(path))
+        return Tokenizer.from_hf(nanogpt_tokenizer(path), str(path))
     from transformers import AutoTokenizer
 
     try:

@@ -221,11 +221,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: str | Path) -> tuple[GPT, transformers.PreTrainedTokenizerFast, dict[str, Any]]:
-    """Gives (model in eval mode, float32, on cpu; its tokenizer; the whole config.json) from a checkpoint folder.
-
-    The tokenizer is a transformers PreTrainedTokenizerFast over tokenizer.json, with <|endoftext|> as its
-    bos/eos token; its `.backend_tokenizer` is the plain `tokenizers.Tokenizer`.
-    """
+    """Gives (model in eval mode, float32, on cpu; its tokenizer (`load_tokenizer`); the whole config.json)
+    from a checkpoint folder."""
     folder = Path(folder)
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / f).is_file()]
     if missing:
@@ -239,10 +236,14 @@ def load_checkpoint(folder: str | Path) -> tuple[GPT, transformers.PreTrainedTok
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state)
     model.float().eval()
+    return model, load_tokenizer(folder), config
 
+
+def load_tokenizer(folder: str | Path) -> transformers.PreTrainedTokenizerFast:
+    """Gives a checkpoint's tokenizer: a transformers PreTrainedTokenizerFast over tokenizer.json, with
+    <|endoftext|> as its bos/eos token; its `.backend_tokenizer` is the plain `tokenizers.Tokenizer`."""
     from transformers import PreTrainedTokenizerFast  # slow to import; only loading needs it
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(folder / TOKENIZER_FILE), bos_token=EOT_TOKEN, eos_token=EOT_TOKEN
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(folder) / TOKENIZER_FILE), bos_token=EOT_TOKEN, eos_token=EOT_TOKEN
     )
-    return model, tokenizer, config

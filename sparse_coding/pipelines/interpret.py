@@ -74,12 +74,18 @@ def choose_sae(run_dir: Path) -> Path:
 
 
 def load_rows(data: ActivationDataset, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gives (tokens [N, T], activations [N, T, d]) from the last chunks backwards (held-out first)."""
+    """Gives (tokens [N, T], activations [N, T, d]) from the last chunks backwards (held-out first); positions
+    the store left out (excluded special tokens) have zero activations."""
+    if data.from_files:
+        raise UserError(f"{data.folder} holds your own activation files, not context rows of text to show")
     toks, acts, n = [], [], 0
     for i in reversed(range(data.n_chunks)):
-        a, t = data.load_chunk(i)
-        toks.append(t.long())
-        acts.append(a.float().view(t.shape[0], t.shape[1], -1))
+        chunk = data.load_chunk(i)
+        t = chunk.tokens.long()
+        dense = torch.zeros(*t.shape, data.d)
+        dense[chunk.kept] = chunk.activations.float()
+        toks.append(t)
+        acts.append(dense)
         n += t.shape[0]
         if n >= max_rows:
             break

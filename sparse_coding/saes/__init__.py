@@ -48,7 +48,7 @@ def arch_for_saelens_name(name: str) -> str:
     if name in SAES and SAES[name].saelens_architecture == name:
         return name
     for arch, cls in SAES.items():
-        if cls.saelens_architecture == name:
+        if name == cls.saelens_architecture or name in (cls.saelens_transcoder or ()):
             return arch
     raise SAEFolderError(f"no architecture here matches SAELens' {name!r}")
 

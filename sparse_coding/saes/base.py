@@ -2,7 +2,14 @@
 
 A stack holds `n_models` SAEs of one dictionary size with parameters on a leading model axis:
 W_enc [M, d_sae, d_in] (one row per latent, the layout the sparse TopK gradient fills), b_enc [M, d_sae],
-W_dec [M, d_sae, d_in], b_dec [M, d_in]. Exported tensors follow SAELens (W_enc [d_in, d_sae]).
+W_dec [M, d_sae, d_out], b_dec [M, d_out]. Exported tensors follow SAELens (W_enc [d_in, d_sae]).
+
+Every architecture also trains as a transcoder (`d_out` given): it encodes a module's input and decodes to the
+module's output, so its loss compares the reconstruction with a target rather than with its input; b_dec lives
+in the output space and is not subtracted from the input (SAELens' `apply_b_dec_to_input=False`); with `skip`
+a learned linear map W_skip [M, d_out, d_in] of the input is added to the output (SAELens' skip transcoder).
+A transcoder's training batches hold input and target side by side, [B, d_in + d_out] (`split_batch`), so one
+shuffle keeps each pair together and every batch source stays a single tensor.
 
 Decoder rows are kept at unit norm in parameter space: before each optimizer step the gradient's component
 along each row is removed, after it each row is rescaled to norm 1. At unit norm that projected gradient is
@@ -14,6 +21,7 @@ April 2024 recipe and SAELens' default), where the penalty weighs each latent by
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -46,6 +54,9 @@ class SAE(nn.Module, ABC):
     architecture: ClassVar[str]  # our name: the registry key, --arch, "arch" in cfg.json's metadata
     saelens_architecture: ClassVar[str]  # the name SAELens' cfg.json uses
     saelens_training_architecture: ClassVar[str | None] = None  # SAELens' metadata name, where not the above
+    # SAELens' names for this encoder as a transcoder and as a skip transcoder; None where SAELens has none
+    # (the folder then names our own architecture and only `load_sae` reads it).
+    saelens_transcoder: ClassVar[tuple[str, str] | None] = None
     knob: ClassVar[str]  # the per-SAE sparsity setting a sweep varies ("l1_alpha", "k", ...)
     options: ClassVar[tuple[str, ...]] = ("decoder_bias",)  # sweep-config fields every SAE of a stack shares
     # The matmuls of the architecture's dense training step, [B, d_in]×[d_in, d_sae]-sized each (bench/sae_step.py
@@ -60,31 +71,47 @@ class SAE(nn.Module, ABC):
         hparams: list[dict[str, Any]],
         decoder_bias: bool = True,
         decoder_init_norm: float = 0.0,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
-        """decoder_init_norm 0 keeps the decoder rows at unit norm; > 0 starts them at that norm, unconstrained."""
+        """decoder_init_norm 0 keeps the decoder rows at unit norm; > 0 starts them at that norm, unconstrained.
+        d_out: a transcoder's output width (None: an SAE, reconstructing its input); skip: a transcoder's learned
+        linear skip connection."""
         super().__init__()
         if not hparams or any(self.knob not in h for h in hparams):
             raise ValueError(f"{self.architecture} needs a {self.knob!r} for every SAE of the stack, got {hparams}")
         if decoder_init_norm < 0:
             raise ValueError(f"decoder_init_norm must be ≥ 0, got {decoder_init_norm}")
+        if skip and d_out is None:
+            raise ValueError("a skip connection belongs to transcoders (give d_out)")
         self._hparams = [dict(h) for h in hparams]
+        self.transcoder, self.skip = d_out is not None, skip
         self.d_in, self.d_sae, self.n_models = d_in, d_sae, len(hparams)
+        self.d_out = d_in if d_out is None else d_out
         self.decoder_bias, self.decoder_init_norm = decoder_bias, decoder_init_norm
         self.sparsity_scale = 1.0  # the fraction of its sparsity coefficient a model uses now (the trainer's warm-up)
         self.track_firing = False  # whether train_forward keeps steps_since_fired (resampling architectures)
         M = self.n_models
         self.W_enc = nn.Parameter(torch.empty(M, d_sae, d_in))
         self.b_enc = nn.Parameter(torch.zeros(M, d_sae))
-        self.W_dec = nn.Parameter(torch.empty(M, d_sae, d_in))
+        self.W_dec = nn.Parameter(torch.empty(M, d_sae, self.d_out))
         # Without a decoder bias b_dec stays a zero buffer, so the SAELens layout still has one.
         if decoder_bias:
-            self.b_dec = nn.Parameter(torch.zeros(M, d_in))
+            self.b_dec = nn.Parameter(torch.zeros(M, self.d_out))
         else:
-            self.register_buffer("b_dec", torch.zeros(M, d_in))
+            self.register_buffer("b_dec", torch.zeros(M, self.d_out))
+        if skip:  # starts at zero, as SAELens', so training begins from the plain transcoder
+            self.W_skip = nn.Parameter(torch.zeros(M, self.d_out, d_in))
+
+    @property
+    def centers_input(self) -> bool:
+        """Whether b_dec is subtracted from the input before encoding (SAEs with a decoder bias; never a
+        transcoder, whose b_dec lives in the output space)."""
+        return self.decoder_bias and not self.transcoder
 
     # --- the SAE math -------------------------------------------------------------------------------------
     def decoder(self) -> Tensor:
-        """Gives the decoder, [M, d_sae, d_in], rows of unit norm unless the decoder is free."""
+        """Gives the decoder, [M, d_sae, d_out], rows of unit norm unless the decoder is free."""
         return self.W_dec
 
     @property
@@ -101,13 +128,16 @@ class SAE(nn.Module, ABC):
     @torch.no_grad()
     def init_transposed(self) -> None:
         """The init of TopK (Gao et al.) and SAELens: decoder rows uniform on [-1/√d_in, 1/√d_in]^d_in scaled to
-        unit norm (or decoder_init_norm), the encoder their transpose."""
-        bound = self.d_in**-0.5
-        self.W_dec.uniform_(-bound, bound)
+        unit norm (or decoder_init_norm), the encoder their transpose (a transcoder's encoder, which reads another
+        space than the decoder writes, uniform on [-1/√d_in, 1/√d_in] instead)."""
+        self.W_dec.uniform_(-(self.d_out**-0.5), self.d_out**-0.5)
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.free_decoder:
             self.W_dec.mul_(self.decoder_init_norm)
-        self.W_enc.copy_(self.W_dec)
+        if self.transcoder:
+            self.W_enc.uniform_(-(self.d_in**-0.5), self.d_in**-0.5)
+        else:
+            self.W_enc.copy_(self.W_dec)
 
     def encoder(self) -> Tensor:
         """Gives the encoder rows actually used, [M, d_sae, d_in] (tied SAEs override this)."""
@@ -128,10 +158,10 @@ class SAE(nn.Module, ABC):
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def center(self, x: Tensor) -> Tensor:
-        """x: [B, d_in] shared by all models, or [M, B, d_in] → [M, B, d_in] minus b_dec when it is trained."""
+        """x: [B, d_in] shared by all models, or [M, B, d_in] → [M, B, d_in], minus b_dec if `centers_input`."""
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        return x - self.b_dec[:, None, :] if self.decoder_bias else x.expand(self.n_models, -1, -1)
+        return x - self.b_dec[:, None, :] if self.centers_input else x.expand(self.n_models, -1, -1)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Gives the encoder pre-activations, [M, B, d_sae]."""
@@ -141,13 +171,48 @@ class SAE(nn.Module, ABC):
     def encode(self, x: Tensor) -> Tensor:
         """Gives the codes (feature activations), [M, B, d_sae], dense."""
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """codes: [M, B, d_sae] → reconstruction [M, B, d_in]."""
-        return torch.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
+    def decode(self, codes: Tensor, x: Tensor | None = None) -> Tensor:
+        """codes: [M, B, d_sae] → reconstruction [M, B, d_out]; a skip transcoder also needs its input x."""
+        out = torch.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
+        return out + self.skip_term(x) if self.skip else out
+
+    def skip_term(self, x: Tensor | None) -> Tensor:
+        """A skip transcoder's linear path: x [B, d_in] or [M, B, d_in] → x W_skipᵀ, [M, B, d_out]."""
+        if x is None:
+            raise ValueError("a skip transcoder's output needs its input x")
+        x = x.unsqueeze(0).expand(self.n_models, -1, -1) if x.dim() == 2 else x
+        return torch.bmm(x, self.W_skip.mT)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x [B, d_in] or [M, B, d_in] → the output [M, B, d_out]: x itself rebuilt, or a transcoder's target."""
+        return self.decode(self.encode(x), x)
+
+    def split_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """Gives (input, target) of a batch: a transcoder's [B, d_in + d_out] halves, else the batch twice."""
+        if not self.transcoder:
+            return batch, batch
+        return batch[:, : self.d_in], batch[:, self.d_in :]
 
     @abstractmethod
-    def train_forward(self, x: Tensor) -> TrainOutput:
-        """One training forward on a batch x: [B, d_in] (the fast path; call backward before the next one)."""
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
+        """One training forward on a batch x: [B, d_in] (the fast path; call backward before the next one).
+        target [B, d_out]: what the output should be (a transcoder's); None: x itself. A skip transcoder adds
+        `skip_term(x)` to its output."""
+
+    @classmethod
+    def trains_transcoders(cls) -> bool:
+        """Whether the architecture trains as a transcoder: its __init__ takes d_out and skip (passed on to
+        SAE.__init__) and its train_forward a target."""
+        if "target" not in inspect.signature(cls.train_forward).parameters:
+            return False
+        for klass in cls.__mro__:  # an __init__ that passes **options on counts as its parent's
+            if "__init__" in vars(klass):
+                init = inspect.signature(klass.__init__).parameters
+                if {"d_out", "skip"} <= init.keys():
+                    return True
+                if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in init.values()):
+                    return False
+        return False
 
     # --- what the architecture owns -------------------------------------------------------------------------
     @classmethod
@@ -160,8 +225,10 @@ class SAE(nn.Module, ABC):
         """Raises ConfigError for a sweep this architecture cannot train (e.g. k above a dictionary size)."""
 
     def stack_options(self) -> dict[str, Any]:
-        """Gives the options this stack was built with (`options` by name), to rebuild it or a slice of it."""
-        return {name: getattr(self, name) for name in self.options}
+        """Gives the options this stack was built with (`options` by name, and a transcoder's d_out and skip),
+        to rebuild it or a slice of it."""
+        shape = {"d_out": self.d_out, "skip": self.skip} if self.transcoder else {}
+        return {**{name: getattr(self, name) for name in self.options}, **shape}
 
     def hparams(self, m: int) -> dict[str, Any]:
         """Gives model m's own hyperparameters ({knob: value}) for names, results and cfg.json."""
@@ -187,10 +254,11 @@ class SAE(nn.Module, ABC):
     # --- bookkeeping --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_b_dec(self, x: Tensor) -> None:
-        """Starts b_dec at the data mean, so the encoder sees centred inputs from step one."""
+    def init_b_dec(self, target: Tensor) -> None:
+        """Starts b_dec at the mean of what the output should be (the data; a transcoder's targets), so the
+        encoder sees centred inputs, or the output starts at its mean, from step one."""
         if self.decoder_bias:
-            self.b_dec.copy_(x.float().mean(0).expand_as(self.b_dec))
+            self.b_dec.copy_(target.float().mean(0).expand_as(self.b_dec))
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -220,12 +288,15 @@ class SAE(nn.Module, ABC):
     @torch.no_grad()
     def export(self, m: int) -> dict[str, Tensor]:
         """Gives model m's effective weights in the SAELens layout (W_enc [d_in, d_sae], W_dec [d_sae, d_in])."""
-        return {
+        tensors = {
             "W_enc": self.encoder()[m].T.contiguous(),
             "b_enc": self.b_enc[m].clone(),
             "W_dec": self.decoder()[m].contiguous().clone(),
             "b_dec": self.b_dec[m].clone(),
         }
+        if self.skip:
+            tensors["W_skip"] = self.W_skip[m].clone()  # [d_out, d_in], as SAELens
+        return tensors
 
     @torch.no_grad()
     def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:
@@ -234,6 +305,16 @@ class SAE(nn.Module, ABC):
         self.b_enc[m].copy_(tensors["b_enc"])
         self.W_dec[m].copy_(tensors["W_dec"])
         self.b_dec[m].copy_(tensors["b_dec"])
+        if self.skip:
+            self.W_skip[m].copy_(tensors["W_skip"])
+
+    def saelens_name(self) -> str:
+        """Gives cfg.json's `architecture`: SAELens' name for this SAE or transcoder (or ours where it has none)."""
+        if not self.transcoder:
+            return self.saelens_architecture
+        if self.saelens_transcoder is not None:
+            return self.saelens_transcoder[self.skip]
+        return f"{self.architecture}_{'skip_' if self.skip else ''}transcoder"
 
 
 class PenaltySAE(SAE):
@@ -249,8 +330,10 @@ class PenaltySAE(SAE):
         hparams: list[dict[str, Any]],
         decoder_bias: bool = True,
         decoder_init_norm: float = 0.0,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
         self.register_buffer(self.knob, torch.tensor([float(h[self.knob]) for h in hparams]))
 
     @classmethod

@@ -31,6 +31,7 @@ class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"  # SAELens' inference form of a BatchTopK SAE
     saelens_training_architecture = "batchtopk"
+    saelens_transcoder = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
 
     def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any):
         super().__init__(d_in, d_sae, hparams, **options)
@@ -54,8 +55,8 @@ class BatchTopKSAE(TopKSAE):
     def latents(self, idx: Tensor) -> Tensor:
         return idx % self.d_sae
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
-        out = super().train_forward(x, stats)
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
+        out = super().train_forward(x, stats, target)
         if stats:
             out.parts["threshold"] = self.threshold.float()
         return out

@@ -43,10 +43,12 @@ class GatedSAE(PenaltySAE):
         l1_norm: str = "dict_size",
         decoder_init_norm: float = 0.0,
         decoder_bias: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
         if l1_norm not in L1_NORMS:
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
         self.l1_norm = l1_norm
         self.r_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
@@ -58,13 +60,18 @@ class GatedSAE(PenaltySAE):
         magnitude = torch.relu(shared * self.r_mag.exp()[:, None, :] + self.b_mag[:, None, :])
         return magnitude * (shared + self.b_enc[:, None, :] > 0)
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         weights = self.decoder_norms()
         x_hat, x_aux, l1, l0 = _GatedStep.apply(
             x, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.decoder(), self.b_dec, weights, self
         )
-        mse = (x_hat - x).pow(2).mean(dim=(1, 2))
-        aux = (x_aux - x).pow(2).mean(dim=(1, 2))
+        target = x if target is None else target
+        aux_target = target
+        if self.skip:  # the gate path's auxiliary reconstruction is asked for what the skip path leaves
+            skip = self.skip_term(x)
+            x_hat, aux_target = x_hat + skip, target - skip.detach()
+        mse = (x_hat - target).pow(2).mean(dim=(1, 2))
+        aux = (x_aux - aux_target).pow(2).mean(dim=(1, 2))
         scale = 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
         loss = mse + self.coefficient() * scale * l1 + aux
         if not stats:
@@ -101,7 +108,7 @@ class _GatedStep(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, weights, sae: GatedSAE):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         shared = torch.bmm(xc, W_enc.mT, out=cache.get("shared", (M, B, F_), x))  # W(x − b_dec)
         gate, codes = cache.get("gate", (M, B, F_), x), cache.get("codes", (M, B, F_), x)
         exp_r = r_mag.exp()
@@ -119,7 +126,7 @@ class _GatedStep(torch.autograd.Function):
         l1 = (gate_sum * weights).sum(-1) / B
         l0 = fires.sum(-1).to(x.dtype) / B
         cache.generation += 1
-        ctx.generation, ctx.cache, ctx.center, ctx.fused = cache.generation, cache, sae.decoder_bias, fused
+        ctx.generation, ctx.cache, ctx.center, ctx.fused = cache.generation, cache, sae.centers_input, fused
         ctx.save_for_backward(xc, W_enc, b_gate, exp_r, b_mag, W_dec, weights, shared, gate, codes, gate_sum)
         ctx.mark_non_differentiable(l0)
         return x_hat, x_aux, l1, l0

@@ -34,6 +34,7 @@ from sparse_coding.saes.kernels import compiled
 class JumpReLUSAE(PenaltySAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
+    saelens_transcoder = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
     knob = "l0_coef"
     tag_prefix = "l0"
     options = (
@@ -56,8 +57,10 @@ class JumpReLUSAE(PenaltySAE):
         dead_tokens_threshold: int = 10_000_000,
         decoder_init_norm: float = 0.0,
         decoder_bias: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
         self.jumprelu_bandwidth, self.jumprelu_init_threshold = jumprelu_bandwidth, jumprelu_init_threshold
         self.jumprelu_pre_act_coef, self.dead_tokens_threshold = jumprelu_pre_act_coef, dead_tokens_threshold
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
@@ -66,27 +69,30 @@ class JumpReLUSAE(PenaltySAE):
         self._cache = BufferCache()
 
     def encode(self, x: Tensor) -> Tensor:
-        pre = self.pre_acts(x)
-        return pre * (pre > self.threshold[:, None, :])
+        pre = self.pre_acts(x)  # ReLU'd as SAELens does: equal for θ ≥ 0 (ours), and for a loaded θ < 0 too
+        return pre.relu() * (pre > self.threshold[:, None, :])
 
     @torch.no_grad()
     def constrain_weights(self) -> None:
         super().constrain_weights()
         self.threshold.clamp_(min=0.0)  # below 0 the gate would pass negative pre-activations
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         B = x.shape[0]
+        target = x if target is None else target
         dead = self.tokens_since_fired >= self.dead_tokens_threshold
         n_dead = int(dead.sum(-1).max()) if self.jumprelu_pre_act_coef > 0 else 0
         cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :n_dead]  # dead latents first
         x_hat, l0, fires, dead_pre = _JumpReLUStep.apply(
             x, self.W_enc, self.b_enc, self.decoder(), self.b_dec, self.threshold, cols, self
         )
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        sq_err = (x_hat - x).pow(2).sum(dim=(1, 2))
+        if self.skip:
+            x_hat = x_hat + self.skip_term(x)
+        total_variance = (target - target.mean(0)).pow(2).sum()
+        sq_err = (x_hat - target).pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
-        loss = fvu + self.coefficient() * l0 / self.d_in
-        parts = {"mse": sq_err.detach() / (B * self.d_in), "fvu": fvu.detach(), "l0": l0.detach()}
+        loss = fvu + self.coefficient() * l0 / self.d_out
+        parts = {"mse": sq_err.detach() / (B * self.d_out), "fvu": fvu.detach(), "l0": l0.detach()}
         if n_dead > 0:
             really_dead = torch.arange(n_dead, device=x.device) < dead.sum(-1, keepdim=True)  # [M, D]
             weight = (self.decoder_norms().gather(-1, cols) * really_dead)[:, None, :]
@@ -128,7 +134,7 @@ class _JumpReLUStep(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, theta, cols, sae: JumpReLUSAE):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         pre = cache.get("pre", (M, B, F_), x)
         torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
         codes = cache.get("codes", (M, B, F_), x)
@@ -146,7 +152,7 @@ class _JumpReLUStep(torch.autograd.Function):
         ctx.generation, ctx.cache, ctx.center, ctx.eps = (
             cache.generation,
             cache,
-            sae.decoder_bias,
+            sae.centers_input,
             sae.jumprelu_bandwidth,
         )
         ctx.fused = fused

@@ -69,12 +69,12 @@ class MatryoshkaSAE(BatchTopKSAE):
         self, x: Tensor, vals: Tensor, idx: Tensor, total_variance: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The mean over levels of each prefix's FVU; the full dictionary's error is AuxK's target."""
-        M, B, G = self.n_models, x.shape[0], len(self.widths)
+        M, B, G = self.n_models, x.shape[-2], len(self.widths)
         rows, lat = split_flat(idx, self.d_sae)
         level = torch.bucketize(lat, self.bounds, right=True)  # the level a latent first joins
-        parts = sparse_decode(vals, lat, self.decoder(), rows * G + level, B * G).view(M, B, G, self.d_in)
-        err = parts.cumsum(2) + (self.b_dec[:, None, :] - x)[:, :, None, :]  # [M, B, G, d_in]: each prefix's error
+        parts = sparse_decode(vals, lat, self.decoder(), rows * G + level, B * G).view(M, B, G, self.d_out)
+        err = parts.cumsum(2) + (self.b_dec[:, None, :] - x)[:, :, None, :]  # [M, B, G, d_out]: each prefix's error
         fvu = err.pow(2).sum(dim=(1, 3)) / total_variance  # [M, G]
         full = fvu[:, -1].detach()
-        log = {"mse": full * total_variance / (B * self.d_in), "fvu": full, "fvu_levels_mean": fvu.mean(-1).detach()}
+        log = {"mse": full * total_variance / (B * self.d_out), "fvu": full, "fvu_levels_mean": fvu.mean(-1).detach()}
         return fvu.mean(-1), err[:, :, -1], log

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
 
 L1_NORMS = ("dict_size", "none")
@@ -28,6 +29,7 @@ L1_NORMS = ("dict_size", "none")
 class ReluSAE(PenaltySAE):
     architecture = "relu"
     saelens_architecture = "standard"
+    saelens_transcoder = ("transcoder", "skip_transcoder")
     knob = "l1_alpha"
     tag_prefix = "l1"
     can_resample = True
@@ -42,6 +44,8 @@ class ReluSAE(PenaltySAE):
         l1_norm: str = "dict_size",
         decoder_init_norm: float = 0.0,
         decoder_bias: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
         """l1_norm: 'dict_size' divides the L1 term by d_sae (as the original toy code did, so one l1 grid
         suits every dictionary size); 'none' uses the plain sum over features."""
@@ -49,7 +53,9 @@ class ReluSAE(PenaltySAE):
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
         if tied and decoder_init_norm > 0:
             raise ValueError("a tied relu SAE keeps unit-norm decoder rows (decoder_init_norm must be 0)")
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm)
+        if tied and d_out is not None:
+            raise ConfigError("--tied does not apply to transcoders: the encoder reads another space than the decoder")
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
         self.tied, self.l1_norm = tied, l1_norm
         self.register_buffer("steps_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
         with torch.no_grad():  # as the original: orthogonal decoder, nn.Linear's default encoder init
@@ -61,7 +67,8 @@ class ReluSAE(PenaltySAE):
             self.b_enc.uniform_(-bound, bound)
             if self.free_decoder:
                 self.W_dec.mul_(decoder_init_norm)
-                self.W_enc.copy_(self.W_dec)
+                if not self.transcoder:
+                    self.W_enc.copy_(self.W_dec)
         if tied:
             del self.W_enc  # the encoder is the decoder's transpose; nothing separate to learn
         self._cache = BufferCache()
@@ -75,12 +82,14 @@ class ReluSAE(PenaltySAE):
     def l1_scale(self) -> float:
         return 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         weights = self.decoder_norms() if self.free_decoder else None  # L1 weighted by decoder norms
         x_hat, l1, codes = _ReluSAEStep.apply(
-            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights, self.decoder_bias, self._cache
+            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights, self.centers_input, self._cache
         )
-        mse = (x_hat - x).pow(2).mean(dim=(1, 2))
+        if self.skip:
+            x_hat = x_hat + self.skip_term(x)
+        mse = (x_hat - (x if target is None else target)).pow(2).mean(dim=(1, 2))
         loss = mse + self.coefficient() * self.l1_scale() * l1
         if self.track_firing:
             with torch.no_grad():
@@ -124,9 +133,9 @@ class _ReluSAEStep(torch.autograd.Function):
     """Dense SAE forward and backward with the [M, B, d_sae] tensors in reused buffers and the ReLU, L1 and
     bias gradients folded into in-place passes; the five matmuls are all that is left of note.
 
-    x: [B, d_in] shared by all M models; W_enc, W_dec: [M, d_sae, d_in]; weights: [M, d_sae] or None (each latent's
-    L1 weight, its decoder norm with a free decoder). Returns x_hat [M, B, d_in], l1 [M] (mean over the batch of the
-    summed, weighted codes) and the codes themselves (a buffer, valid until the next call).
+    x: [B, d_in] shared by all M models; W_enc: [M, d_sae, d_in], W_dec: [M, d_sae, d_out]; weights: [M, d_sae] or
+    None (each latent's L1 weight, its decoder norm with a free decoder). Returns x_hat [M, B, d_out], l1 [M] (mean
+    over the batch of the summed, weighted codes) and the codes themselves (a buffer, valid until the next call).
     """
 
     @staticmethod

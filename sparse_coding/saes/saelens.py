@@ -28,12 +28,13 @@ def save_sae(
     folder.mkdir(parents=True, exist_ok=True)
     weights = sae.export(m)
     cfg = {
-        "architecture": sae.saelens_architecture,
+        "architecture": sae.saelens_name(),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        **({"d_out": sae.d_out} if sae.transcoder else {}),
         "dtype": str(weights["W_enc"].dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": sae.decoder_bias,
+        "apply_b_dec_to_input": sae.centers_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **sae.saelens_cfg(m),
@@ -62,10 +63,14 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SA
     try:
         meta = cfg.get("metadata") or {}
         cls = sae_class(meta.get("arch") or arch_for_saelens_name(cfg["architecture"]))
+        weights = load_tensors(folder / WEIGHTS_FILE)
         options = {k: meta[k] for k in cls.options if k in meta}
-        options["decoder_bias"] = cfg.get("apply_b_dec_to_input", True)
+        if "d_out" in cfg:  # a transcoder: b_dec is never applied to the input, whether trained or not
+            options.update(d_out=cfg["d_out"], skip="W_skip" in weights, decoder_bias=meta.get("decoder_bias", True))
+        else:
+            options["decoder_bias"] = cfg.get("apply_b_dec_to_input", True)
         sae = cls(cfg["d_in"], cfg["d_sae"], [cls.hparams_from_saelens(cfg)], **options)
-        sae.load_exported(0, load_tensors(folder / WEIGHTS_FILE))
+        sae.load_exported(0, weights)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise SAEFolderError(f"cannot load the SAE in {folder}: {type(e).__name__}: {e}") from None
     return sae.to(device), cfg

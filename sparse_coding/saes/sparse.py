@@ -94,7 +94,7 @@ class SparseEncode(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, sae: Any, dead: Tensor | None, k_aux: int):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.decoder_bias else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         pre = cache.get("pre", (M, B, F_), x)
         # Where the selection adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
         bias = b_enc if fuses_bias(pre) else None
@@ -108,7 +108,7 @@ class SparseEncode(torch.autograd.Function):
         else:
             aux_vals = x.new_zeros(M, B, 0)
             aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)
-        ctx.center = sae.decoder_bias
+        ctx.center = sae.centers_input
         ctx.save_for_backward(xc, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx

@@ -37,11 +37,13 @@ class TopKSAE(SAE):
         auxk_alpha: float = 1 / 32,
         dead_tokens_threshold: int = 10_000_000,
         decoder_bias: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
         ks = [int(h["k"]) for h in hparams]
         if not all(0 < k <= d_sae for k in ks):
             raise ValueError(f"every k must be in 1..d_sae={d_sae}, got {ks}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, d_out=d_out, skip=skip)
         self.ks, self.k_max = ks, max(ks)
         self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
         self.register_buffer("k", torch.tensor(ks))
@@ -96,9 +98,10 @@ class TopKSAE(SAE):
     def reconstruction_loss(
         self, x: Tensor, vals: Tensor, idx: Tensor, total_variance: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Gives the reconstruction term of the loss [M], the full reconstruction's error [M, B, d_in] (AuxK's
-        target) and the term's parts for the training log: here FVU, the squared error over the variance."""
-        err = self.decode_entries(vals, idx, x.shape[0]) + self.b_dec[:, None, :] - x
+        """Gives the reconstruction term of the loss [M] against x ([B, d_out], or [M, B, d_out]: what the decoder
+        should output), the full reconstruction's error [M, B, d_out] (AuxK's target) and the term's parts for
+        the training log: here FVU, the squared error over total_variance (the target's)."""
+        err = self.decode_entries(vals, idx, x.shape[-2]) + self.b_dec[:, None, :] - x
         sq_err = err.pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
         return fvu, err, {"mse": sq_err.detach() / err[0].numel(), "fvu": fvu.detach()}
@@ -113,20 +116,23 @@ class TopKSAE(SAE):
         fired = fires.scatter_add_(-1, lat, (vals > 0).reshape(self.n_models, -1).float()) > 0
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
-    def train_forward(self, x: Tensor, stats: bool = True) -> TrainOutput:
+    def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         M, B = self.n_models, x.shape[0]
+        target = x if target is None else target
         dead = self.tokens_since_fired >= self.dead_tokens_threshold  # [M, d_sae]
         n_dead = dead.sum(-1)
-        k_aux = min(self.d_in // 2, int(n_dead.max()))
+        k_aux = min(self.d_out // 2, int(n_dead.max()))
         vals, idx, aux_vals, aux_idx = SparseEncode.apply(
             x, self.W_enc, self.b_enc, self.b_dec, self, dead if k_aux > 0 else None, k_aux
         )
-        total_variance = (x - x.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
-        loss, err, parts = self.reconstruction_loss(x, vals, idx, total_variance)
+        total_variance = (target - target.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
+        # A skip transcoder's latents reconstruct what its linear path leaves: error = decode + skip - target.
+        rest = target - self.skip_term(x) if self.skip else target
+        loss, err, parts = self.reconstruction_loss(rest, vals, idx, total_variance)
         if k_aux > 0:
             e_hat = sparse_decode(aux_vals, aux_idx, self.decoder())
             auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
-            scale = (n_dead.float() / (self.d_in // 2)).clamp(max=1.0)
+            scale = (n_dead.float() / (self.d_out // 2)).clamp(max=1.0)
             loss = loss + self.auxk_alpha * scale * auxk
             parts["auxk"] = auxk.detach()
         self.record_firing(vals.detach(), idx, B)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.files import load_optimizer_tensors, optimizer_tensors
 from sparse_coding.saes import SAE
 from sparse_coding.training.checkpoint import load_checkpoint, save_checkpoint
@@ -22,13 +23,23 @@ from sparse_coding.training.schedule import Schedule, input_scale
 StepLog = list[dict[str, Tensor]]
 
 
-def build_stacks(cfg: SweepConfig, d_in: int, device: torch.device) -> list[SAE]:
+def build_stacks(
+    cfg: SweepConfig, d_in: int, device: torch.device, d_out: int | None = None, skip: bool = False
+) -> list[SAE]:
     """Gives one stack per architecture and dictionary size (architecture-major, smallest size first), each
-    holding every grid point's SAE."""
+    holding every grid point's SAE (transcoders to width d_out, with a skip connection if asked, when d_out is
+    given)."""
     torch.manual_seed(cfg.seed)
+    classes = cfg.sae_classes()
+    shape: dict[str, Any] = {}
+    if d_out is not None:
+        for cls in classes:
+            if not cls.trains_transcoders():
+                raise ConfigError(f"architecture {cls.architecture!r} does not train as a transcoder yet")
+        shape = {"d_out": d_out, "skip": skip}
     return [
-        cls(d_in, size, cfg.hparam_grid(cls), **cfg.sae_options(cls)).to(device)
-        for cls in cfg.sae_classes()
+        cls(d_in, size, cfg.hparam_grid(cls), **cfg.sae_options(cls), **shape).to(device)
+        for cls in classes
         for size in cfg.dict_sizes(d_in)
     ]
 
@@ -64,19 +75,21 @@ class Trainer:
         self.step_count = 0
         self.input_scale: Tensor | None = None  # [1] float64, once normalisation is estimated
 
-    def step(self, x: Tensor, stats: bool = False) -> StepLog:
-        """One optimizer step on x: [B, d_in]; gives per-stack training stats when asked (else empty dicts)."""
-        if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
+    def step(self, batch: Tensor, stats: bool = False) -> StepLog:
+        """One optimizer step on a batch [B, d_in] (transcoders: [B, d_in + d_out], input and target); gives
+        per-stack training stats when asked (else empty dicts)."""
+        if self.input_scale is not None:  # one scale for a transcoder's input and target: folding stays exact
+            batch = batch * self.input_scale.to(batch.dtype)
+        x, target = self.stacks[0].split_batch(batch)
         if self.step_count == 0 and self.init_b_dec:
             for s in self.stacks:
-                s.init_b_dec(x)
+                s.init_b_dec(target)
             if self.sync is not None:
                 self.sync([s.b_dec.data for s in self.stacks])
         self.apply_schedule()
         logs = []
         for s in self.stacks:  # backward per stack frees its activations before the next stack runs
-            out = s.train_forward(x, stats=stats)
+            out = s.train_forward(x, stats=stats, **({"target": target} if s.transcoder else {}))
             out.loss.sum().backward()
             logs.append({"loss": out.loss.detach(), **out.parts} if stats else {})
         if self.sync is not None:

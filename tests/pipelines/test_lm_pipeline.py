@@ -12,8 +12,8 @@ from lm_fixtures import smoke_run_args
 from procs import kill_after_checkpoint
 
 import run
+from sparse_coding.eval.reconstruction import ce_and_kl
 from sparse_coding.models.language_model import load_language_model
-from sparse_coding.pipelines.lm import ce_and_kl
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = {
@@ -56,7 +56,7 @@ def test_smoke_run_writes_the_contract_and_reuses_activations(assets, tmp_path, 
         assert (r["mmcs_with_larger"] is None) == (r["dict_size"] == largest)
         assert r["ce_loss_recovered"] is not None and r["kl"] >= 0
         assert r["ce_loss_zero_ablation"] > r["ce_loss_clean"]
-    assert results["hook_name"] == "transformer.h.1.mlp.act" and results["d_in"] == 128
+    assert results["hook_name"] == "h.1.mlp.act" and results["d_in"] == 128 and results["lm_head"] == "causal"
     for name in (
         "mmcs_with_larger_matrix.png",
         "dead_features_matrix.png",
@@ -67,7 +67,7 @@ def test_smoke_run_writes_the_contract_and_reuses_activations(assets, tmp_path, 
         assert (tmp_path / "a" / name).is_file(), name
     assert len(list((tmp_path / "a" / "saes").iterdir())) == len(runs)
     cfg = json.loads((tmp_path / "a" / "saes" / runs[0]["name"] / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == "transformer.h.1.mlp.act" and cfg["metadata"]["context_size"] == 16
+    assert cfg["metadata"]["hook_name"] == "h.1.mlp.act" and cfg["metadata"]["context_size"] == 16
     capsys.readouterr()
     run.main(_args(assets, tmp_path / "b", "--arch", "topk"))
     assert "reusing stored activations" in capsys.readouterr().out
@@ -83,10 +83,7 @@ def test_ce_loss_recovered_is_one_for_perfect_and_zero_for_ablation(assets):
     class Reconstruction:  # a stack of two "SAEs": one reconstructs exactly, one outputs zeros
         n_models, d_sae = 2, 8
 
-        def encode(self, x):
-            return x
-
-        def decode(self, x):
+        def reconstruct(self, x):
             return torch.stack([x[0], torch.zeros_like(x[1])])
 
     out = ce_and_kl(lm, hook, Reconstruction(), tokens)
@@ -181,10 +178,9 @@ def test_empty_dataset_manifest_mismatch_and_corrupt_chunk(assets, tmp_path):
     assert _cli(*_args(assets, tmp_path / "r2", "--activations_dir", str(acts), "--n_steps", "2")).returncode == 0
     r = _cli(*_args(assets, tmp_path / "r3", "--activations_dir", str(acts), "--activation_dtype", "fp16"))
     assert r.returncode == 2 and "other settings" in r.stderr
-    chunk = acts / "chunk_00002.safetensors"
-    before = chunk.stat().st_size
-    chunk.write_bytes(b"\x00" * 16)
+    before = (acts / "chunk_00000.safetensors").read_bytes()
+    (acts / "chunk_00002.safetensors").write_bytes(b"\x00" * 16)
     r = _cli(*_args(assets, tmp_path / "r4", "--activations_dir", str(acts)))
     assert r.returncode == 2 and "unreadable" in r.stderr
-    assert (acts / "chunk_00000.safetensors").stat().st_size == before  # the other chunks are untouched
+    assert (acts / "chunk_00000.safetensors").read_bytes() == before  # the other chunks are untouched
     assert (tmp_path / "r2" / "results.json").is_file()

@@ -1,0 +1,66 @@
+"""Transcoders: every architecture learns a map from one activation to another (with and without a skip
+connection), saves as SAELens' transcoder / skip_transcoder where SAELens has one (and SAELens loads it), and
+reloads here."""
+
+import pytest
+import torch
+
+from sparse_coding.saes import SAES, build_sae
+from sparse_coding.saes.saelens import load_sae, save_sae
+from sparse_coding.training.trainer import Trainer
+
+KNOBS = {"l1_alpha": 1e-3, "k": 4, "l0_coef": 1e-3}
+
+
+def _transcoder(arch, skip, d_in=6, d_out=5, d_sae=16):
+    return build_sae(arch, d_in, d_sae, [{SAES[arch].knob: KNOBS[SAES[arch].knob]}], d_out=d_out, skip=skip)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("arch", sorted(SAES))
+def test_every_architecture_trains_as_a_transcoder(arch, skip):
+    assert SAES[arch].trains_transcoders()
+    torch.manual_seed(0)
+    tc = _transcoder(arch, skip)
+    assert tc.W_dec.shape == (1, 16, 5) and tc.b_dec.shape == (1, 5) and not tc.centers_input
+    W = torch.randn(6, 5)
+    x = torch.randn(4096, 6)
+    batch = torch.cat([x, torch.relu(x) @ W], dim=1)  # input and target side by side, as the store gives them
+    trainer = Trainer([tc], lr=3e-3)
+    first = trainer.step(batch[:512], stats=True)[0]["mse"]
+    for i in range(300):
+        trainer.step(batch[(i % 8) * 512 : (i % 8 + 1) * 512])
+    last = trainer.step(batch[:512], stats=True)[0]["mse"]
+    assert last < first / 3, (first, last)
+    with torch.no_grad():
+        out = tc.reconstruct(x[:8])
+    assert out.shape == (1, 8, 5)
+    if skip:
+        assert tc.W_skip.abs().sum() > 0  # the skip path learned something
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("arch", sorted(SAES))
+def test_transcoders_save_for_saelens_and_reload(tmp_path, arch, skip):
+    torch.manual_seed(1)
+    tc = _transcoder(arch, skip)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        ours = tc.reconstruct(x)[0]
+    folder = save_sae(tmp_path / "tc", tc, 0, {"hook_name": "h.1.mlp:input", "hook_name_out": "h.1.mlp"})
+    back, cfg = load_sae(folder)
+    assert back.transcoder and back.skip == skip and back.d_out == 5 and cfg["d_out"] == 5
+    with torch.no_grad():
+        assert torch.allclose(back.reconstruct(x)[0], ours, atol=1e-6)
+    if SAES[arch].saelens_transcoder is None:  # SAELens has no such transcoder: the folder names ours
+        assert cfg["architecture"] == f"{arch}_{'skip_' if skip else ''}transcoder"
+        return
+    from sae_lens import SAE as SAELensSAE
+
+    assert cfg["architecture"] == SAES[arch].saelens_transcoder[skip]
+    loaded = SAELensSAE.load_from_disk(str(folder))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), ours, atol=1e-5)
