@@ -41,10 +41,12 @@ def share_above(reference: Tensor, candidates: Tensor, threshold: float) -> Tens
 def hungarian_mmcs(reference: Tensor, candidates: Tensor) -> float:
     """reference: [n, d], candidates: [m, d] → mean similarity under the best one-to-one matching.
     With n > m only m reference directions can be matched; the rest count as 0."""
-    return _hungarian(cosine_matrix(reference, candidates))
+    return matched_mean(cosine_matrix(reference, candidates))
 
 
-def _hungarian(sims: Tensor) -> float:
+def matched_mean(sims: Tensor) -> float:
+    """sims [n, m] → the mean over rows of the similarity under the best one-to-one matching (Hungarian;
+    with n > m the unmatched rows count 0)."""
     s = sims.double().cpu().numpy()
     rows, cols = linear_sum_assignment(s, maximize=True)
     return float(s[rows, cols].sum() / s.shape[0])
@@ -57,7 +59,7 @@ def mmcs_with_larger(small: Tensor, large: Tensor, threshold: float = 0.9) -> di
     best = sims.amax(dim=-1)
     return {
         "plain": float(best.mean()),
-        "hungarian": _hungarian(sims),
+        "hungarian": matched_mean(sims),
         "share_above": float((best > threshold).float().mean()),
     }
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from sparse_coding.eval import metrics
+from sparse_coding.eval.synthetic import TruthMeter
 from sparse_coding.models.language_model import LanguageModel, next_token_ce
 from sparse_coding.saes import SAE
 
@@ -21,6 +22,18 @@ def evaluate(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> list[metrics
             codes = sae.encode(xb)
             meter.update(xb, sae.decode(codes), codes)
     return [m.result() for m in meters]
+
+
+@torch.no_grad()
+def truth_meters(
+    stacks: list[SAE], features: Tensor, parent: Tensor, x_eval: Tensor, true_codes: Tensor, batch_size: int
+) -> list[TruthMeter]:
+    """Gives, per stack, the recovery sums of every SAE against the true codes [N, n] of x_eval [N, d]."""
+    meters = [TruthMeter(features, parent, s.decoder().detach()) for s in stacks]
+    for xb, cb in zip(x_eval.split(batch_size), true_codes.split(batch_size), strict=True):
+        for sae, meter in zip(stacks, meters, strict=True):
+            meter.update(cb, sae.encode(xb.float()))
+    return meters
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import pytest
 from procs import kill_after_checkpoint
 
 import replicate_toy_models
+from sparse_coding.saes import SAES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {
@@ -59,6 +60,24 @@ def test_smoke_run_writes_the_contract(tmp_path, arch):
     assert (tmp_path / "ground_truth.safetensors").is_file()
     assert not (tmp_path / "checkpoint").exists()
     json.loads((tmp_path / "config.json").read_text())
+
+
+def test_architectures_compared_on_a_hierarchy(tmp_path):
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--compare", "all", "--hierarchy_roots", "2",
+            "--hierarchy_depth", "2", "--n_steps", "30"]  # fmt: skip
+    replicate_toy_models.main(args)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["arch"] for r in runs} == set(SAES)
+    for r in runs:
+        assert r.keys() >= CONTRACT_KEYS | {"mcc", "hungarian_mmcs", "f1", "absorption", "splitting"}
+        assert set(r["absorption_by_depth"]) == {"0", "1"} and 0 <= r["mcc"] <= 1
+    table = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {arch} |" in table for arch in SAES)
+    assert (tmp_path / "absorption_by_depth.png").stat().st_size > 1000
+    for arch in SAES:
+        assert (tmp_path / arch / "saes").is_dir() and (tmp_path / arch / "ground_truth.safetensors").is_file()
+    r = _cli(*args)
+    assert r.returncode == 2 and "already holds a finished run" in r.stderr
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path):
