@@ -63,7 +63,8 @@ class ToyDataConfig(Config):
         if self.n_tree_features > self.n_ground_truth:
             raise ConfigError(
                 f"{self.hierarchy_roots} trees of depth {self.hierarchy_depth} and branching "
-                f"{self.hierarchy_branching} need {self.n_tree_features} features; n_ground_truth is {self.n_ground_truth}"
+                f"{self.hierarchy_branching} need {self.n_tree_features} features; "
+                f"n_ground_truth is {self.n_ground_truth}"
             )
         if self.correlated_pairs and self.correlated_components:
             raise ConfigError("correlated_pairs and correlated_components cannot be combined; choose one")
@@ -178,7 +179,9 @@ class ToyGenerator:
                 chosen = pick[..., None] == torch.arange(b, device=self.device)  # [batch, n_par, b]
                 kids = (parents & fires)[..., None] & chosen
             else:
-                kids = parents[..., None] & (torch.rand(batch, n_par, b, generator=g, device=self.device) < cfg.child_prob)
+                kids = parents[..., None] & (
+                    torch.rand(batch, n_par, b, generator=g, device=self.device) < cfg.child_prob
+                )
             start += n_par
             active[:, start : start + n_child] = kids.reshape(batch, n_child)
         return active
