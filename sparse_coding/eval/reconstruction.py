@@ -1,14 +1,17 @@
-"""Scoring trained stacks on held-out data: reconstruction statistics on stored activations, and CE loss
-recovered and KL through the language model with each SAE's reconstruction spliced in at its hook."""
+"""Scoring trained stacks on held-out data: reconstruction statistics on stored activations, recovery of the
+ground truth on toy data, and CE loss recovered and KL through the language model with each SAE's
+reconstruction spliced in at its hook."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sparse_coding.eval import metrics
 from sparse_coding.eval.synthetic import TruthMeter
-from sparse_coding.models.language_model import LanguageModel, next_token_ce
+from sparse_coding.models.language_model import LanguageModel, token_ce
 from sparse_coding.saes import SAE
 
 
@@ -36,36 +39,51 @@ def truth_meters(
     return meters
 
 
+def splicer(stack: SAE, keep: Tensor) -> Callable[[Tensor], Tensor]:
+    """The hook replacement of ce_and_kl: activations [M·n, T, d] (model m's copy of the rows in block m) →
+    each model's reconstruction where keep [M·n, T] is true, the activation itself elsewhere."""
+
+    def splice(act: Tensor) -> Tensor:
+        x = act.reshape(stack.n_models, -1, act.shape[-1])
+        x_hat = stack.decode(stack.encode(x.float())).to(act.dtype).reshape(act.shape)
+        return torch.where(keep[..., None], x_hat, act)
+
+    return splice
+
+
 @torch.no_grad()
-def ce_and_kl(lm: LanguageModel, hook: str, stack: SAE, tokens: Tensor, budget: int = 2**27) -> dict[str, Tensor]:
-    """CE loss recovered and KL for every SAE of a stack on held-out rows tokens [R, T]; the M models run as
+def ce_and_kl(
+    lm: LanguageModel, hook: str, stack: SAE, tokens: Tensor, ignore_ids: Sequence[int] = (), budget: int = 2**27
+) -> dict[str, Tensor]:
+    """CE loss and KL through the model with each SAE's reconstruction spliced in at the hook, on held-out rows
+    tokens [R, T], as SAELens' core evals define them: positions holding a token in ignore_ids (its special
+    tokens) keep their own activation and are left out of the means (CE at position t, which predicts t + 1, when
+    token t is one). Gives, each [M]: ce_clean, ce_zero (the hook zero-ablated), ce_sae, ce_loss_recovered,
+    kl (KL(clean ‖ spliced) per position), kl_zero (KL(clean ‖ zero-ablated)) and kl_score. The M models run as
     one batch of M·r rows, r chosen so the biggest intermediate stays under `budget` elements."""
     M, (R, T) = stack.n_models, tokens.shape
-    sums = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_sae": torch.zeros(M), "kl": torch.zeros(M)}
+    sums = {k: torch.zeros(M, dtype=torch.float64) for k in ("ce_clean", "ce_zero", "ce_sae", "kl", "kl_zero")}
+    counts = {"ce": 0, "kl": 0}
     probe = lm.logits(tokens[:1])
     r = max(1, min(R, budget // (M * T * max(probe.shape[-1], stack.d_sae))))
     for start in range(0, R, r):
         rows = tokens[start : start + r]
         n = rows.shape[0]
+        keep = ~torch.isin(rows, torch.tensor(list(ignore_ids), dtype=rows.dtype)).to(lm.device)  # [n, T]
         clean = lm.logits(rows)
         zero = lm.logits(rows, hook, torch.zeros_like)
 
-        def splice(act: Tensor) -> Tensor:
-            x = act.reshape(M, -1, act.shape[-1])  # [M, n·T, d]: model m's copy of the rows
-            return stack.decode(stack.encode(x.float())).to(act.dtype).reshape(act.shape)
-
-        spliced = lm.logits(rows.repeat(M, 1), hook, splice).view(M, n, T, -1)
-        sums["ce_clean"] += float(next_token_ce(clean, rows)) * n
-        sums["ce_zero"] += float(next_token_ce(zero, rows)) * n
+        spliced = lm.logits(rows.repeat(M, 1), hook, splicer(stack, keep.repeat(M, 1))).view(M, n, T, -1)
+        ce_keep, kl_keep = keep[:, :-1], keep
+        sums["ce_clean"] += token_ce(clean, rows)[ce_keep].double().sum()
+        sums["ce_zero"] += token_ce(zero, rows)[ce_keep].double().sum()
+        sums["kl_zero"] += metrics.kl_per_position(clean, zero)[kl_keep].double().sum()
         for m in range(M):
-            sums["ce_sae"][m] += float(next_token_ce(spliced[m], rows)) * n
-            sums["kl"][m] += float(metrics.kl_divergence(clean, spliced[m])) * n
-    ce_clean, ce_zero = sums["ce_clean"] / R, sums["ce_zero"] / R
-    ce_sae = sums["ce_sae"] / R
-    return {
-        "ce_clean": torch.full((M,), ce_clean),
-        "ce_zero": torch.full((M,), ce_zero),
-        "ce_sae": ce_sae,
-        "ce_loss_recovered": metrics.ce_loss_recovered(ce_clean, ce_zero, ce_sae),
-        "kl": sums["kl"] / R,
-    }
+            sums["ce_sae"][m] += token_ce(spliced[m], rows)[ce_keep].double().sum()
+            sums["kl"][m] += metrics.kl_per_position(clean, spliced[m])[kl_keep].double().sum()
+        counts["ce"] += int(ce_keep.sum())
+        counts["kl"] += int(kl_keep.sum())
+    out = {k: (v / counts["ce" if k.startswith("ce") else "kl"]).float() for k, v in sums.items()}
+    out["ce_loss_recovered"] = metrics.ce_loss_recovered(out["ce_clean"], out["ce_zero"], out["ce_sae"])
+    out["kl_score"] = metrics.kl_score(out["kl_zero"], out["kl"])
+    return out

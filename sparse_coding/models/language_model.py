@@ -32,17 +32,21 @@ class Tokenizer:
     decode_tokens: Callable[[Sequence[int]], list[str]]  # one string per token id
     eos_id: int
     name: str
+    special_ids: tuple[int, ...] = ()  # structural special tokens (BOS, EOS, PAD, SEP), left out of evals
 
     @classmethod
     def from_hf(cls, tok: Any, name: str) -> Tokenizer:
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
         if eos is None:
             raise ModelError(f"tokenizer of {name} has no EOS (or BOS) token to separate documents")
+        attrs = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")  # as SAELens' get_special_token_ids
+        special = {int(i) for i in (getattr(tok, a, None) for a in attrs) if i is not None}
         return cls(
             encode_batch=lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
             decode_tokens=lambda ids: [tok.decode([i]) for i in ids],
             eos_id=int(eos),
             name=getattr(tok, "name_or_path", "") or name,
+            special_ids=tuple(sorted(special | {int(eos)})),
         )
 
     @classmethod
@@ -55,6 +59,7 @@ class Tokenizer:
             decode_tokens=lambda ids: [tok.decode([i]) for i in ids],
             eos_id=int(eos),
             name=name,
+            special_ids=(int(eos),),
         )
 
 
@@ -287,9 +292,15 @@ def _wrap_tokenizer(tok: Any, name: str) -> Tokenizer:
     return Tokenizer.from_hf(tok, name)
 
 
+def token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy in nats at each position [B, T-1]: logits [B, T, V] at 0..T-2 predict 1..T-1."""
+    targets = tokens[:, 1:].to(logits.device)
+    return nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")
+
+
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy in nats: logits [B, T, V] at positions 0..T-2 predict tokens 1..T-1."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+    return token_ce(logits, tokens).mean()
 
 
 def load_tokenizer(name: str) -> Tokenizer:

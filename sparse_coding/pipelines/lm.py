@@ -28,6 +28,7 @@ from sparse_coding.activations.caching import (
 from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.config import option
 from sparse_coding.errors import CheckpointError, ConfigError, UserError
+from sparse_coding.eval.core import core_metrics, weight_metrics
 from sparse_coding.eval.plots import density_histograms
 from sparse_coding.eval.reconstruction import ce_and_kl, evaluate
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
@@ -268,8 +269,10 @@ def train_and_report(
     """Trains in `mini_runs` passes, each followed by metrics, saved SAEs and plots; gives the last results."""
     cfg, info = run.cfg, run.info
     eval_parts = [data.load_chunk(i) for i in range(cfg.n_chunks - cfg.n_eval_chunks, cfg.n_chunks)]
-    x_eval = torch.cat([a for a, _ in eval_parts]).to(run.device)
-    eval_tokens = torch.cat([t for _, t in eval_parts]).long()[: cfg.ce_eval_rows]
+    all_tokens = torch.cat([t for _, t in eval_parts]).long()
+    keep = ~torch.isin(all_tokens.flatten(), torch.tensor(lm.tokenizer.special_ids, dtype=torch.long))
+    x_eval = torch.cat([a for a, _ in eval_parts])[keep].to(run.device)  # special tokens left out, as SAELens
+    eval_tokens = all_tokens[: cfg.ce_eval_rows]
     wandb_run = start_wandb(cfg, run.out_dir) if info.is_main else None
     log = TrainLog(run.out_dir / LOG_FILE if info.is_main else None, stacks, wandb_run)
     results: dict[str, Any] = {}
@@ -319,13 +322,15 @@ def evaluate_and_save(
     """Evaluates this process's SAEs, saves them, and gives their results rows."""
     cfg = run.cfg
     stats = evaluate(stacks, x_eval, cfg.batch_size)
+    special = lm.tokenizer.special_ids
     through_model: list[dict[str, Tensor] | None] = [None] * len(stacks)
     if lm.has_lm_head and cfg.ce_eval_rows > 0:
         through_model = [
-            ce_and_kl(lm, hook, s, eval_tokens) for s in tqdm(stacks, desc="CE/KL", disable=not run.progress)
+            ce_and_kl(lm, hook, s, eval_tokens, special) for s in tqdm(stacks, desc="CE/KL", disable=not run.progress)
         ]
+    n_ce = int((~torch.isin(eval_tokens, torch.tensor(special, dtype=torch.long))).sum())
 
-    def model_metrics(i: int, m: int) -> dict[str, float | None]:
+    def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
         names = {
             "ce_loss_recovered": "ce_loss_recovered",
@@ -334,7 +339,9 @@ def evaluate_and_save(
             "ce_loss_zero_ablation": "ce_zero",
             "ce_loss_spliced": "ce_sae",
         }
-        return {key: None if t is None else float(t[name][m]) for key, name in names.items()}
+        legacy = {key: None if t is None else float(t[name][m]) for key, name in names.items()}
+        core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, n_ce if t is not None else 0)
+        return {**legacy, "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)
     meta = {
