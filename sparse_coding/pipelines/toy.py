@@ -183,11 +183,12 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
 
 
 def toy_eval_set(
-    config: dict[str, Any], n_eval: int, batch_size: int, device: torch.device | str
+    config: dict[str, Any], device: torch.device | str, n_eval: int = 0
 ) -> tuple[ToyGenerator, Tensor, Tensor]:
     """The held-out evaluation set of a toy run with this config (config.json's fields): its generator, and
-    n_eval fresh examples (activations [n_eval, d], true codes [n_eval, n]) drawn from a stream training never
-    sees."""
+    n_eval (default: the run's) examples (activations [n_eval, d], true codes [n_eval, n]) from a stream
+    training never sees, drawn in the run's batches so the same settings give the same examples."""
+    n_eval, batch_size = n_eval or int(config["n_eval"]), int(config["batch_size"])
     data_cfg = ToyDataConfig(**{f.name: config[f.name] for f in dataclasses.fields(ToyDataConfig) if f.name in config})
     seed = int(config.get("seed", 0))
     gen = ToyGenerator(data_cfg, seed=seed, device=device, sample_seed=seed + 1_000_003)
@@ -201,7 +202,7 @@ def score_against_truth(
 ) -> list[dict[str, Any]]:
     """Evaluates every SAE on fresh held-out examples and against the true features and activations (see
     eval/synthetic.py); saves the SAEs; gives the result rows."""
-    _, x_eval, true_eval = toy_eval_set(asdict(cfg), cfg.n_eval, cfg.batch_size, gen.device)
+    _, x_eval, true_eval = toy_eval_set(asdict(cfg), gen.device)
     stats = evaluate(stacks, x_eval, cfg.batch_size)
     meters = truth_meters(stacks, gen.features, gen.parent, x_eval, true_eval, cfg.batch_size)
 
