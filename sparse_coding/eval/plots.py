@@ -81,14 +81,7 @@ def grouped_bars(
         xs = [i + s * width for i, c in enumerate(categories) if per.get(c) is not None]
         ax.bar(xs, [per[c] for c in categories if per.get(c) is not None], width, label=series)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], labels=categories)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, title, xlabel, ylabel, path)
 
 
 def lines(
@@ -110,6 +103,11 @@ def lines(
         ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     if log_x:
         ax.set_xscale("log")
+    return _finish(fig, ax, title, xlabel, ylabel, path)
+
+
+def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, path: str | Path) -> Path:
+    """Labels, legend, layout; writes the figure to path and frees it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
