@@ -73,14 +73,17 @@ def corpus_labels(token_strs: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
     return out
 
 
+MIN_PER_CLASS = 50  # below this a task's test accuracy moves in steps of 10 % or more: left out
+
+
 def balanced_split(
     labels: np.ndarray, n_per_class: int, rng: np.random.Generator, test_share: float = 0.2
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Indices (train, test) into the flat labels: up to n_per_class of each class, equal counts, shuffled;
-    None when either class has fewer than 10 tokens."""
+    None when either class has fewer than MIN_PER_CLASS tokens."""
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n = min(n_per_class, len(pos), len(neg))
-    if n < 10:
+    if n < MIN_PER_CLASS:
         return None
     picked = [rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]
     n_test = max(1, round(n * test_share))

@@ -44,7 +44,7 @@ def test_sparse_probe_finds_a_planted_feature():
 
 
 def test_a_task_without_enough_tokens_is_skipped():
-    labels = {"doctest": np.array([[1] * 5 + [0] * 100])}
+    labels = {"doctest": np.array([[1] * (probing.MIN_PER_CLASS - 1) + [0] * 100])}
     tokens, tasks = probing.probe_set(labels, 100, seed=0)
     assert tasks == {} and len(tokens) == 0
     assert probing.probe_tasks({}, tasks, [1]) == {"tasks": {}, "mean": {}}
