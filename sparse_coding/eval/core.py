@@ -70,11 +70,12 @@ def core_metrics(
     m: int,
     weights: dict[str, float],
     through_model: dict[str, Tensor] | None,
-    n_model_tokens: int = 0,
+    tokens: tuple[int, int] = (0, 0),
 ) -> dict[str, dict[str, Any]]:
     """SAEBench's metric categories for SAE m: reconstruction on activations (stats), its weights
     (weight_metrics), and CE/KL through the model (ce_and_kl's result, or None without an LM head, when
-    those fields are null)."""
+    those fields are null). tokens: the tokens in the rows run through the model and in those whose activations
+    were scored, special ones included (SAELens' token_stats count whole batches)."""
     t = through_model
 
     def tm(key: str) -> float | None:
@@ -105,8 +106,8 @@ def core_metrics(
         },
         "sparsity": {"l0": float(stats.l0[m]), "l1": float(stats.l1[m])},
         "token_stats": {
-            "total_tokens_eval_reconstruction": n_model_tokens,
-            "total_tokens_eval_sparsity_variance": stats.n_examples,
+            "total_tokens_eval_reconstruction": tokens[0] if t is not None else 0,
+            "total_tokens_eval_sparsity_variance": tokens[1],
         },
         "misc_metrics": {**density_metrics(stats.feature_density[m]), **weights},
     }

@@ -169,10 +169,9 @@ def evaluate_lm(
             raise UserError(f"{folder} expects d_in={sae.d_in}; the activations at {hook} have {data.acts.shape[-1]}")
         stats = evaluate([sae], x_eval, cfg.batch_size)[0]
         through = ce_and_kl(lm, hook, sae, ce_rows, special) if lm.has_lm_head and len(ce_rows) else None
-        n_ce = int((~torch.isin(ce_rows, torch.tensor(special, dtype=torch.long))).sum()) if through else 0
         saes[folder.name] = {
             **sae_summary(folder, sae, sae_cfg),
-            "metrics": core_metrics(stats, 0, weight_metrics(sae, 0), through, n_ce),
+            "metrics": core_metrics(stats, 0, weight_metrics(sae, 0), through, (ce_rows.numel(), data.tokens.numel())),
             **({"probing": probe.score(sae)} if probe else {}),
         }
     return {
@@ -244,7 +243,7 @@ def evaluate_toy(cfg: EvaluateConfig, folders: list[Path], device: torch.device)
         truth = truth_meters([sae], gen.features, gen.parent, x_eval, true_eval, cfg.batch_size)[0]
         saes[folder.name] = {
             **sae_summary(folder, sae, sae_cfg),
-            "metrics": core_metrics(stats, 0, weight_metrics(sae, 0), None),
+            "metrics": core_metrics(stats, 0, weight_metrics(sae, 0), None, (0, len(x_eval))),
             "synthetic": truth.result(0, gen.depth, cfg.mmcs_threshold),
         }
     return {"model_name": "toy", "config": asdict(cfg), "saes": saes}

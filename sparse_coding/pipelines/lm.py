@@ -328,7 +328,6 @@ def evaluate_and_save(
         through_model = [
             ce_and_kl(lm, hook, s, eval_tokens, special) for s in tqdm(stacks, desc="CE/KL", disable=not run.progress)
         ]
-    n_ce = int((~torch.isin(eval_tokens, torch.tensor(special, dtype=torch.long))).sum())
 
     def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
@@ -340,7 +339,8 @@ def evaluate_and_save(
             "ce_loss_spliced": "ce_sae",
         }
         legacy = {key: None if t is None else float(t[name][m]) for key, name in names.items()}
-        core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, n_ce if t is not None else 0)
+        tokens = (eval_tokens.numel(), cfg.n_eval_chunks * cfg.chunk_size_tokens)  # special tokens included
+        core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, tokens)
         return {**legacy, "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)

@@ -54,10 +54,11 @@ def test_scores_by_hand():
 
 def test_core_metrics_are_saebenchs_categories_and_keys():
     sae = build_sae("relu", 2, 3, [{"l1_alpha": 1.0}])
-    out = core.core_metrics(_stats(), 0, core.weight_metrics(sae, 0), None)
+    out = core.core_metrics(_stats(), 0, core.weight_metrics(sae, 0), None, (10, 20))
     assert set(out) == {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
                         "shrinkage", "sparsity", "token_stats", "misc_metrics"}  # fmt: skip
     assert out["model_performance_preservation"]["ce_loss_score"] is None  # no model: null, never NaN
+    assert out["token_stats"] == {"total_tokens_eval_reconstruction": 0, "total_tokens_eval_sparsity_variance": 20}
     assert out["reconstruction_quality"]["explained_variance"] == pytest.approx(1 - 17 / 6.5)
     assert out["misc_metrics"]["frac_alive"] == pytest.approx(2 / 3)  # latent 1 never fires
     enc = core.max_other_cosine(sae.export(0)["W_enc"].T).mean().item()
