@@ -110,7 +110,7 @@ def run_evaluate(cfg: EvaluateConfig, out_dir: Path, lm: LanguageModel | None = 
     if meta.get("model_name") == "toy" and not cfg.model_name:
         result = evaluate_toy(cfg, folders, device)
     else:
-        result = evaluate_lm(cfg, folders, meta, device, lm)
+        result = evaluate_lm_groups(cfg, folders, device, lm)
     write_json(out_dir / EVAL_FILE, result)
     plot_eval(result, out_dir)
     return result
@@ -151,6 +151,25 @@ def eval_data(cfg: EvaluateConfig, meta: dict[str, Any], lm: LanguageModel, hook
     return EvalData(rows.tokens, acts.flatten(0, 1), {"kind": "text", "path": dataset, "rows": len(rows.tokens)})
 
 
+def evaluate_lm_groups(
+    cfg: EvaluateConfig, folders: list[Path], device: torch.device, lm: LanguageModel | None
+) -> dict[str, Any]:
+    """SAEs of one model at one hook are scored together on one set of activations; a run folder holding SAEs
+    of several hooks (or models) gets one such group each: "groups" lists them and "saes" holds every SAE."""
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for folder in folders:
+        meta = read_json(folder / CFG_FILE).get("metadata") or {}
+        key = (cfg.model_name or meta.get("model_name", ""), cfg.hook_name or meta.get("hook_name", ""))
+        groups.setdefault(key, []).append(folder)
+    results = []
+    for group in groups.values():
+        meta = read_json(group[0] / CFG_FILE).get("metadata") or {}
+        results.append(evaluate_lm(cfg, group, meta, device, lm))
+    if len(results) == 1:
+        return results[0]
+    return {"config": asdict(cfg), "groups": results, "saes": {k: v for r in results for k, v in r["saes"].items()}}
+
+
 def evaluate_lm(
     cfg: EvaluateConfig, folders: list[Path], meta: dict[str, Any], device: torch.device, lm: LanguageModel | None
 ) -> dict[str, Any]:
@@ -171,6 +190,7 @@ def evaluate_lm(
         through = ce_and_kl(lm, hook, sae, ce_rows, special) if lm.has_lm_head and len(ce_rows) else None
         saes[folder.name] = {
             **sae_summary(folder, sae, sae_cfg),
+            "hook_name": hook,
             "metrics": core_metrics(stats, 0, weight_metrics(sae, 0), through, (ce_rows.numel(), data.tokens.numel())),
             **({"probing": probe.score(sae)} if probe else {}),
         }

@@ -174,3 +174,21 @@ def test_not_an_sae_folder(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--sae_dir", str(tmp_path), "--out",
                         str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "neither an SAE folder" in r.stderr
+
+
+def test_saes_of_several_hooks_are_scored_per_hook(lm_run, tmp_path):
+    import shutil
+
+    src = next((lm_run / "run" / "saes").iterdir())
+    for name, hook in (("a", "transformer.h.1.mlp.act"), ("b", "transformer.h.0.mlp.act")):
+        shutil.copytree(src, tmp_path / "run" / "saes" / name)
+        cfg = json.loads((tmp_path / "run" / "saes" / name / "cfg.json").read_text())
+        cfg["metadata"]["hook_name"] = hook
+        (tmp_path / "run" / "saes" / name / "cfg.json").write_text(json.dumps(cfg))
+    corpus = next((lm_run / "corpus").glob("*.jsonl"))
+    evaluate.main(["--sae_dir", str(tmp_path / "run"), "--out", str(tmp_path / "e"), "--dataset_name", str(corpus)])
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert [g["hook_name"] for g in result["groups"]] == ["transformer.h.1.mlp.act", "transformer.h.0.mlp.act"]
+    assert result["saes"]["a"]["hook_name"] != result["saes"]["b"]["hook_name"]
+    a, b = (result["saes"][k]["metrics"]["reconstruction_quality"]["explained_variance"] for k in "ab")
+    assert a != b  # the same SAE scored on two different activations
