@@ -19,10 +19,17 @@ from utils import run_main
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(InterpretRunConfig, __doc__, argv)
     result = run_interpret(cfg)
-    for method, s in result["summary"]["by_method"].items():
+    summary = result["summary"]
+    level = summary["confidence"]["level"]
+    for method, s in summary["by_method"].items():
         score = "—" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
-        print(f"{method:>8}: mean {result['summary']['scorer']} {score} over {s['n_features']} features")
-    print(result["summary"]["verdict"])
+        ci = "" if s["interval"] is None else f" [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}]"
+        print(f"{method:>8}: mean {summary['scorer']} {score}{ci} over {s['n_scored']} scored features")
+    for method, c in summary["comparisons"].items():
+        if c["interval"] is not None:
+            lo, hi = c["interval"]
+            print(f"  SAE − {method}: {c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({level:.0%}): {c['outcome']}")
+    print(summary["verdict"])
     print(f"results in {result['out']} (open index.html)")
 
 

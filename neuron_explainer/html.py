@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +49,69 @@ def example_html(tokens: Sequence[str], activations: Sequence[float], max_activa
 
 
 def histogram_svg(edges: Sequence[float], counts: Sequence[float], width: int = 360, height: int = 90) -> str:
-    """Inline SVG bar chart of the activation histogram (activations > 0)."""
+    """Inline SVG bar chart of the activation density (activations > 0), with labelled axes: activation value
+    along x (first and last bin edge), number of tokens along y (0 and the tallest bar)."""
     if not counts:
         return "<p>(never fires)</p>"
+    left, bottom = 44, 30  # room for the axis labels
     top = max(counts) or 1.0
     w = width / len(counts)
     bars = "".join(
-        f'<rect x="{i * w:.1f}" y="{height - height * c / top:.1f}" width="{max(w - 1, 1):.1f}" '
+        f'<rect x="{left + i * w:.1f}" y="{height - height * c / top:.1f}" width="{max(w - 1, 1):.1f}" '
         f'height="{height * c / top:.1f}" fill="#e67e22"><title>{_e(f"{edges[i]:.3g}–{edges[i + 1]:.3g}: {int(c)}")}'
         f"</title></rect>"
         for i, c in enumerate(counts)
     )
-    label = f"0 … {edges[-1]:.3g}" if edges else ""
-    return (
-        f'<svg class="histogram" width="{width}" height="{height + 16}" role="img" aria-label="activation histogram">'
-        f'{bars}<text x="0" y="{height + 13}" font-size="11">{_e(label)}</text></svg>'
+    axes = (
+        f'<line x1="{left}" y1="{height}" x2="{left + width}" y2="{height}" stroke="#555"/>'
+        f'<line x1="{left}" y1="0" x2="{left}" y2="{height}" stroke="#555"/>'
+        f'<text x="{left}" y="{height + 13}" font-size="10">{_e(f"{edges[0]:.3g}")}</text>'
+        f'<text x="{left + width}" y="{height + 13}" font-size="10" text-anchor="end">{_e(f"{edges[-1]:.3g}")}</text>'
+        f'<text x="{left + width / 2}" y="{height + 26}" font-size="11" text-anchor="middle">activation</text>'
+        f'<text x="{left - 4}" y="10" font-size="10" text-anchor="end">{int(top)}</text>'
+        f'<text x="{left - 4}" y="{height}" font-size="10" text-anchor="end">0</text>'
+        f'<text x="10" y="{height / 2}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 10 {height / 2})">tokens</text>'
     )
+    return (
+        f'<svg class="histogram" width="{left + width + 4}" height="{height + bottom}" role="img" '
+        f'aria-label="activation density: tokens per activation bin">{axes}{bars}</svg>'
+    )
+
+
+def logits_html(logits: dict[str, list[list[Any]]]) -> str:
+    """Two columns: the tokens the feature's direction promotes and suppresses most through the unembedding."""
+
+    def column(title: str, items: list[list[Any]]) -> str:
+        rows = "".join(f"<tr><td><code>{_e(repr(t))}</code></td><td>{float(v):+.3f}</td></tr>" for t, v in items)
+        return f'<table class="logits"><tr><th>{_e(title)}</th><th>logit</th></tr>{rows}</table>'
+
+    return (
+        '<div class="logit-effects" style="display:flex; gap:2em">'
+        f"{column('promoted', logits.get('promoted', []))}{column('suppressed', logits.get('suppressed', []))}</div>"
+    )
+
+
+def neighbours_html(method: str, neighbours: list[dict[str, Any]], pages: AbstractSet[str]) -> str:
+    """The nearest features by direction cosine, linked where they have a page of their own."""
+    items = []
+    for n in neighbours:
+        name = f"{method}_{int(n['index']):06d}.html"
+        label = f"{_e(method)} {int(n['index'])} (cosine {float(n['cosine']):.3f})"
+        items.append(f'<li><a href="{_e(name)}">{label}</a></li>' if name in pages else f"<li>{label}</li>")
+    return f'<ul class="neighbours">{"".join(items)}</ul>'
+
+
+def quantiles_html(quantiles: list[list[dict[str, Any]]], max_activation: float) -> str:
+    """Examples sampled per quantile of the feature's activations, highest quantile first."""
+    parts = []
+    for i, q in reversed(list(enumerate(quantiles))):
+        if not q:
+            continue
+        top = max(max(x["activations"]) for x in q)
+        parts.append(f"<h3>quantile {i + 1} of {len(quantiles)} (activations up to {top:.3g})</h3>")
+        parts.extend(example_html(x["tokens"], x["activations"], max_activation) for x in q)
+    return f'<div class="quantiles">{"".join(parts)}</div>'
 
 
 def _page(title: str, body: str) -> str:
@@ -77,10 +125,12 @@ def _page_name(r: dict[str, Any]) -> str:
     return f"{r['method']}_{int(r['feature_index']):06d}.html"
 
 
-def feature_page(r: dict[str, Any]) -> str:
-    """One feature: explanation, scores, histogram, training top examples, held-out examples with simulation."""
+def feature_page(r: dict[str, Any], pages: AbstractSet[str] = frozenset()) -> str:
+    """One feature: explanation, scores, activation density, logit effects, nearest features, training top
+    examples, held-out examples with simulation, and examples per activation quantile."""
     rec = r["record"]
     mx = float(rec["max_activation"])
+    extras = rec.get("extras") or {}
     scores = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in r["scores"].items())
     fails = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in r["parse_failures"].items())
     top = "".join(example_html(x["tokens"], x["activations"], mx) for x in rec["train_top"])
@@ -91,18 +141,59 @@ def feature_page(r: dict[str, Any]) -> str:
         if sim is not None:
             held.append('<div class="sim">simulated:</div>' + example_html(x["tokens"], sim, 10.0))
     hist = rec.get("histogram") or {}
+    logits = (
+        f"<h2>Logit effects (direction through the unembedding)</h2>{logits_html(extras['logits'])}"
+        if extras.get("logits")
+        else ""
+    )
+    near = extras.get("neighbours")
+    near_html = (
+        f"<h2>Nearest features (direction cosine)</h2>{neighbours_html(r['method'], near, pages)}" if near else ""
+    )
     body = (
         f'<p><a href="../index.html">← all features</a></p>'
         f"<h1>{_e(r['method'])} feature {_e(r['feature_index'])}</h1>"
         f'<p class="expl"><b>Explanation:</b> {_e(r["explanation"] if r["explanation"] is not None else "(none)")}</p>'
         f"<p>explainer {_e(r['explainer'])}, simulator {_e(r['simulator'])}; max activation {mx:.4g}, "
-        f"firing rate {float(rec['firing_rate']):.4g}</p>"
+        f"fires on {100 * float(rec['firing_rate']):.3g} % of tokens</p>"
         f"<h2>Scores</h2><table>{scores}</table><h3>Parse failures</h3><table>{fails}</table>"
-        f"<h2>Activation histogram</h2>{histogram_svg(hist.get('edges', []), hist.get('counts', []))}"
+        f"<h2>Activation density (tokens where it fires)</h2>"
+        f"{histogram_svg(hist.get('edges', []), hist.get('counts', []))}{logits}{near_html}"
         f'<h2>Top examples (shown to the explainer)</h2><div class="top-examples">{top}</div>'
         f'<h2>Held-out top examples (true, then simulated)</h2><div class="held-out">{"".join(held)}</div>'
+        f"<h2>Examples by activation quantile (held out)</h2>{quantiles_html(rec.get('quantiles') or [], mx)}"
     )
     return _page(f"{r['method']} feature {r['feature_index']}", body)
+
+
+def summary_html(summary: dict[str, Any], scorer: str) -> str:
+    """The per-method table with each mean's interval, the SAE − baseline comparisons and the verdict."""
+    level = (summary.get("confidence") or {}).get("level", 0.95)
+
+    def interval(iv: list[float] | None) -> str:
+        return "—" if not iv else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+    rows = "".join(
+        f"<tr><td>{_e(m)}</td><td>{_fmt(s.get('mean_score'))}</td><td>{interval(s.get('interval'))}</td>"
+        f"<td>{_e(s.get('n_scored', s.get('n_features')))}</td></tr>"
+        for m, s in summary.get("by_method", {}).items()
+    )
+    comps = "".join(
+        f"<tr><td>SAE − {_e(m)}</td><td>{_fmt(c.get('difference'))}</td><td>{interval(c.get('interval'))}</td>"
+        f"<td>{_e(c.get('outcome'))}</td></tr>"
+        for m, c in (summary.get("comparisons") or {}).items()
+    )
+    return (
+        f'<h2>By method ({_e(scorer)})</h2><table class="by-method"><tr><th>method</th><th>mean score</th>'
+        f"<th>{level:.0%} interval</th><th>features scored</th></tr>{rows}</table>"
+        + (
+            f'<h3>Differences</h3><table class="comparisons"><tr><th>difference</th><th>mean</th>'
+            f"<th>{level:.0%} interval</th><th>outcome</th></tr>{comps}</table>"
+            if comps
+            else ""
+        )
+        + (f'<p class="verdict"><b>Verdict:</b> {_e(summary["verdict"])}</p>' if summary.get("verdict") else "")
+    )
 
 
 def write_html(out_dir: str | Path, summary: dict[str, Any] | None = None, scorer: str = "correlation_all") -> Path:
@@ -114,19 +205,13 @@ def write_html(out_dir: str | Path, summary: dict[str, Any] | None = None, score
     results = load_feature_results(out_dir)
     pages = out_dir / "pages"
     pages.mkdir(parents=True, exist_ok=True)
+    names = {_page_name(r) for r in results}
     for r in results:
-        (pages / _page_name(r)).write_text(feature_page(r), encoding="utf-8")
-    summary_html = ""
+        (pages / _page_name(r)).write_text(feature_page(r, names), encoding="utf-8")
+    overview = ""
     if summary:
         scorer = summary.get("scorer", scorer)
-        rows = "".join(
-            f"<tr><td>{_e(m)}</td><td>{_fmt(s.get('mean_score'))}</td><td>{_e(s.get('n_features'))}</td></tr>"
-            for m, s in summary.get("by_method", {}).items()
-        )
-        summary_html = (
-            f"<h2>By method ({_e(scorer)})</h2><table><tr><th>method</th><th>mean score</th><th>features</th></tr>"
-            f"{rows}</table>"
-        )
+        overview = summary_html(summary, scorer)
     key = scorer if scorer in SCORERS else "correlation_all"
     rows = []
     for r in sorted(results, key=lambda r: -(r["scores"].get(key) if r["scores"].get(key) is not None else -9)):
@@ -138,7 +223,7 @@ def write_html(out_dir: str | Path, summary: dict[str, Any] | None = None, score
             f"<td>{_fmt(r['scores'].get(key))}</td><td>{_e(r['explanation'] or '')}</td><td>{ex}</td></tr>"
         )
     body = (
-        f"<h1>Feature interpretations</h1>{summary_html}<h2>Features</h2>"
+        f"<h1>Feature interpretations</h1>{overview}<h2>Features</h2>"
         f"<table><tr><th>method</th><th>feature</th><th>{_e(key)}</th><th>explanation</th><th>top example</th></tr>"
         f"{''.join(rows)}</table>"
     )

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from neuron_explainer.explain import Explanation
+from neuron_explainer.intruder import offline_guess
 from neuron_explainer.prompts import MAX_LEVEL
 from neuron_explainer.records import FeatureRecord
 
@@ -176,7 +178,8 @@ class OfflineExplainer:
 
 
 class OfflineSimulator:
-    """Predicts from the explanation text alone (parsed back into patterns); never fails to parse."""
+    """Predicts from the explanation text alone (parsed back into patterns); never fails to parse. As the
+    intruder judge it compares the marked tokens of the windows (intruder.offline_guess)."""
 
     name = "offline"
     decision_threshold = 0.05  # scores are max/mean predicted level / 10: any matched pattern counts as "yes"
@@ -200,3 +203,9 @@ class OfflineSimulator:
             pred = [p for p, m in zip(predict(patterns, toks), marks, strict=True) if m]
             out.append(float(np.mean(pred)) / MAX_LEVEL if pred else 0.0)
         return out
+
+    async def intruder(self, windows: Sequence[tuple[Sequence[str], Sequence[bool]]]) -> int | None:
+        # Ties are broken by a generator seeded from the windows themselves: the same trial gets the same
+        # answer whatever order features are scored in (and on a resumed run).
+        seed = zlib.crc32("\x00".join(t for toks, _ in windows for t in toks).encode())
+        return offline_guess(windows, np.random.default_rng(seed))

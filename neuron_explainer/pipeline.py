@@ -20,10 +20,12 @@ from tqdm import tqdm
 
 from neuron_explainer.client import ChatClient, ClientConfig
 from neuron_explainer.explain import Explainer, LLMExplainer
+from neuron_explainer.intruder import intruder_score, intruder_trials
 from neuron_explainer.offline import OfflineExplainer, OfflineSimulator
 from neuron_explainer.records import ActivationRecord, FeatureRecord
 from neuron_explainer.score import binary_scores, correlation_scores, parse_failure_rate
 from neuron_explainer.simulate import LLMSimulator, Simulator
+from neuron_explainer.stats import LEVEL, compare, mean_interval
 from sparse_coding.errors import UserError
 from sparse_coding.files import finite_or_none, read_json, write_json
 
@@ -37,6 +39,7 @@ SCORERS = (
     "detection_auc",
     "fuzzing_balanced_accuracy",
     "fuzzing_auc",
+    "intruder",
 )
 
 
@@ -50,6 +53,9 @@ class InterpretConfig:
     scorer: str = "correlation_all"  # the score summary.json averages as mean_score
     detection: bool = True
     fuzzing: bool = True
+    intruder: bool = True  # intruder detection: k windows, one where the feature does not fire
+    intruder_k: int = 5
+    intruder_trials: int = 5
     active_fraction: float = 0.0  # a token is "active" above this share of the feature's max activation
     max_concurrency: int = 8  # requests in flight at once (also features in progress)
     timeout_s: float = 120.0
@@ -126,6 +132,14 @@ async def score_feature(
                 fuz = binary_scores([labels[i] for i in order], answers, simulator.decision_threshold)
                 scores["fuzzing_balanced_accuracy"], scores["fuzzing_auc"] = fuz["balanced_accuracy"], fuz["auc"]
                 failures["fuzzing"] = fuz["parse_failure_rate"]
+    if cfg.intruder:
+        trials = intruder_trials(
+            record, cfg.intruder_trials, cfg.intruder_k, np.random.default_rng([cfg.seed, record.feature_index, 1])
+        )
+        if trials:
+            guesses = await asyncio.gather(*(simulator.intruder(t.windows) for t in trials))
+            scores["intruder"] = intruder_score(trials, guesses)
+            failures["intruder"] = parse_failure_rate(guesses)
     return {
         "method": record.method,
         "feature_index": record.feature_index,
@@ -221,29 +235,37 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 
 
 def summarize(results: Sequence[dict[str, Any]], scorer: str = "correlation_all") -> dict[str, Any]:
-    """Per-method means of every score; mean_score is the chosen scorer's (features without a score left out)."""
+    """Per-method means of every score, with a bootstrap interval on the chosen scorer's mean (mean_score,
+    interval) and, when SAE features were scored, the intervals on SAE − each baseline and the verdict
+    (neuron_explainer/stats.py). Features without a score are left out."""
     if scorer not in SCORERS:
         raise UserError(f"unknown scorer {scorer!r} (choose from {', '.join(SCORERS)})")
     methods = list(STANDARD_METHODS) + sorted({r["method"] for r in results} - set(STANDARD_METHODS))
-    by_method = {}
+    by_method, scored = {}, {}
     for m in methods:
         rs = [r for r in results if r["method"] == m]
+        scored[m] = [r["scores"][scorer] for r in rs if r["scores"].get(scorer) is not None]
         by_method[m] = {
-            "mean_score": _mean([r["scores"].get(scorer) for r in rs]),
+            "mean_score": _mean(scored[m]),
+            "interval": mean_interval(scored[m]),
             "n_features": len(rs),
-            "n_scored": sum(r["scores"].get(scorer) is not None for r in rs),
+            "n_scored": len(scored[m]),
             "means": {s: _mean([r["scores"].get(s) for r in rs]) for s in SCORERS},
             "explanation_failure_rate": _mean([r["parse_failures"].get("explanation") for r in rs]),
             "simulation_failure_rate": _mean([r["parse_failures"].get("simulation") for r in rs]),
         }
+    comparisons, verdict = compare({m: v for m, v in scored.items() if v})
     return {
         "scorer": scorer,
         "scorer_definition": "Pearson correlation of simulated and true activations pooled over held-out top and "
         "random records (Bills et al. 2023)"
         if scorer == "correlation_all"
         else scorer,
+        "confidence": {"level": LEVEL, "method": "percentile bootstrap over features, 10 000 resamples"},
         "explainers": sorted({r["explainer"] for r in results}),
         "by_method": by_method,
+        "comparisons": comparisons,
+        "verdict": verdict,
     }
 
 

@@ -217,3 +217,23 @@ def fuzzing_messages(explanation: str, examples: Sequence[tuple[Sequence[str], S
 def parse_answers(text: str | None, n: int) -> list[float] | None:
     """The 0/1 answers list; None unless it has n entries that are numbers."""
     return _json_numbers(text, "answers", n)
+
+
+def intruder_messages(windows: Sequence[tuple[Sequence[str], Sequence[bool]]]) -> Messages:
+    """Asks which of several texts, tokens marked <<like this>>, does not belong with the others."""
+    texts = [
+        json.dumps("".join(f"<<{t}>>" if m else t for t, m in zip(toks, marks, strict=True))) for toks, marks in windows
+    ]
+    return [
+        {
+            "role": "system",
+            "content": "We study features of a language model. All but one of the texts below are places where one "
+            "feature fires, on the tokens marked <<like this>>; one text does not belong. Find it.",
+        },
+        {
+            "role": "user",
+            "content": f"{_numbered(texts)}\n\n"
+            f'Reply with JSON only: {{"answers": [n]}}, n the number (1 to {len(texts)}) of the text that does not '
+            "belong.",
+        },
+    ]

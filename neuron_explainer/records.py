@@ -44,6 +44,7 @@ class FeatureRecord:
     test_random: list[ActivationRecord] = field(default_factory=list)  # scored (held out)
     quantiles: list[list[ActivationRecord]] = field(default_factory=list)  # held out, lowest quantile first
     histogram: dict[str, list[float]] = field(default_factory=dict)  # {"edges", "counts"} of activations > 0
+    extras: dict[str, Any] = field(default_factory=dict)  # dashboard data a caller adds (neighbours, logits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +65,7 @@ class FeatureRecord:
             test_random=recs(d.get("test_random", [])),
             quantiles=[recs(q) for q in d.get("quantiles", [])],
             histogram=dict(d.get("histogram", {})),
+            extras=dict(d.get("extras", {})),
         )
 
     def sequences(self, split: str) -> set[int]:

@@ -11,6 +11,7 @@ from neuron_explainer.client import ChatClient
 from neuron_explainer.prompts import (
     detection_messages,
     fuzzing_messages,
+    intruder_messages,
     parse_answers,
     parse_simulation_json,
     parse_simulation_logprobs,
@@ -34,6 +35,10 @@ class Simulator(Protocol):
     async def fuzz(
         self, explanation: str, examples: Sequence[tuple[Sequence[str], Sequence[bool]]]
     ) -> list[float | None]: ...
+
+    async def intruder(self, windows: Sequence[tuple[Sequence[str], Sequence[bool]]]) -> int | None:
+        """The position of the window that does not belong (None: unparsed)."""
+        ...
 
 
 class LLMSimulator:
@@ -97,3 +102,10 @@ class LLMSimulator:
         self, explanation: str, examples: Sequence[tuple[Sequence[str], Sequence[bool]]]
     ) -> list[float | None]:
         return await self._batched(examples, lambda b: fuzzing_messages(explanation, b))
+
+    async def intruder(self, windows: Sequence[tuple[Sequence[str], Sequence[bool]]]) -> int | None:
+        r = await self.client.complete(self.model, intruder_messages(windows), max_tokens=16)
+        answer = parse_answers(r.content, 1)
+        if answer is None or not 1 <= answer[0] <= len(windows):
+            return None
+        return int(answer[0]) - 1

@@ -106,3 +106,30 @@ def smoke_run_args(root: Path) -> list[str]:
     model, data = make_hf_gpt2(root / "gpt2"), write_corpus(root / "corpus")
     return ["--preset", "smoke", "--model_name", str(model), "--dataset_name", str(data),
             "--activations_dir", str(root / "acts")]  # fmt: skip
+
+
+def write_rst_corpus(folder: Path, n_docs: int = 60, seed: int = 2) -> Path:
+    """Generated documentation-like text (made here, no third-party text): prose with ``inline literals``,
+    literal blocks after '::' holding Python, and doctest lines, for the corpus-labelled probing tasks."""
+    import json
+
+    rng = random.Random(seed)
+    code_lines = ["for x in range(3):", "    if x and not y:", "        return x", "while True:", "    break",
+                  "def f(a, b=None):", "    return a is b", "class Box:", "    pass", "import os"]  # fmt: skip
+
+    def prose() -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 16))]
+        words[rng.randrange(len(words))] = f"``{rng.choice(WORDS)}``"
+        return " ".join(words)
+
+    docs = []
+    for _ in range(n_docs):
+        parts = []
+        for _ in range(rng.randint(2, 4)):
+            parts.append(prose() + " as follows::\n\n" + "\n".join("   " + rng.choice(code_lines) for _ in range(3)))
+            parts.append(prose() + ".\n\n" + "\n".join(f"   >>> {rng.choice(code_lines).strip()}" for _ in range(2)))
+        docs.append("\n\n".join(parts) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path

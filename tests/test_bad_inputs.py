@@ -23,6 +23,7 @@ import torch
 from lm_fixtures import smoke_run_args
 from safetensors.torch import load_file, save_file
 
+import evaluate
 import interpret
 import replicate_toy_models
 import run
@@ -35,6 +36,7 @@ ENTRIES: dict[str, Callable[[list[str]], object]] = {
     "toy": replicate_toy_models.main,
     "run": run.main,
     "interpret": interpret.main,
+    "evaluate": evaluate.main,
     "tiny": train_tiny.main,
     "vastai": vastai_main,
 }
@@ -165,6 +167,17 @@ CASES = [
     ("run", ["{args}", "--activation_dtype", "fp8"], "activation_dtype must be one of"),
     ("run", ["{args}", "--load_autoencoders", "{root}/nope", "--out", "{root}/o9"], "--load_autoencoders"),
     ("run", ["{args}", "--activations_dir", "{root}/a_file/store", "--out", "{root}/o10"], "a_file"),
+    # evaluate: SAE folders, data, hooks, steering
+    ("evaluate", [], "--sae_dir is required"),
+    ("evaluate", ["--sae_dir", "{root}/nope", "--out", "{root}/e1"], "neither an SAE folder"),
+    ("evaluate", ["--sae_dir", "{root}/sae_on_nan", "--n_eval_chunks", "3", "--out", "{root}/e2"], "NaN"),
+    ("evaluate", ["--sae_dir", "{sae}", "--dataset_name", "{root}/missing.jsonl", "--out", "{root}/e3"], "not found"),
+    ("evaluate", ["--sae_dir", "{sae}", "--hook_name", "transformer.h.0.nope", "--out", "{root}/e4"], "has no module"),
+    ("evaluate", ["--sae_dir", "{sae}", "--probe_k", "0"], "probe_k must be > 0"),
+    ("evaluate", ["--sae_dir", "{sae}", "--steer", "3=1"], "--steer needs --prompt"),
+    ("evaluate", ["--sae_dir", "{sae}", "--steer", "x=1", "--prompt", "a", "--out", "{root}/e5"], "LATENT=VALUE"),
+    ("evaluate", ["--sae_dir", "{sae}", "--steer_mode", "boost"], "steer_mode must be one of"),
+    ("evaluate", ["--sae_dir", "{root}/done", "--steer", "1=1", "--prompt", "a", "--out", "{root}/e6"], "one SAE"),
     # interpret: SAEs, stores, settings, the network
     ("interpret", ["--sae_dir", "{root}/nope"], "is not an SAE folder"),
     ("interpret", ["--sae_dir", "{root}/sae_on_nan", "--out", "{root}/i1"], "holds NaN"),

@@ -152,8 +152,8 @@ class TokenStream:
         """name: the data set's name, for the error when it holds no document at all."""
         if max_length <= 0:
             raise ValueError("max_length must be positive")
-        self._docs, self._encode, self.separator_id, self.max_length = iter(docs), encode_batch, separator_id, max_length
-        self.name = name
+        self._docs, self._encode, self.name = iter(docs), encode_batch, name
+        self.separator_id, self.max_length = separator_id, max_length
         self._buffer: list[int] = []
         self._start = 0  # ids before it are handed out
         self.n_docs = self.n_bytes = self.n_tokens = self.n_rows = 0

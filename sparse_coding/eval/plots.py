@@ -91,3 +91,51 @@ def metrics_against_l0(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def grouped_bars(
+    values: dict[str, dict[str, float | None]], title: str, xlabel: str, ylabel: str, path: str | Path
+) -> Path:
+    """Bars of values[series][category], one colour per series, grouped by category; None bars are left out."""
+    categories = sorted({c for per in values.values() for c in per}, key=lambda c: (len(c), c))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * max(len(categories), 1), 3.8))
+    width = 0.8 / max(len(values), 1)
+    for s, (series, per) in enumerate(values.items()):
+        xs = [i + s * width for i, c in enumerate(categories) if per.get(c) is not None]
+        ax.bar(xs, [per[c] for c in categories if per.get(c) is not None], width, label=series)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], labels=categories)
+    return _finish(fig, ax, title, xlabel, ylabel, path)
+
+
+def lines(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: str | Path,
+    log_x: bool = False,
+    reference: dict[str, float] | None = None,
+) -> Path:
+    """One marked line per series (x values, y values), plus dashed horizontal reference lines."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (xs, ys) in series.items():
+        order = np.argsort(np.asarray(xs, dtype=float))
+        ax.plot(np.asarray(xs, dtype=float)[order], np.asarray(ys, dtype=float)[order], marker="o", label=label)
+    for label, y in (reference or {}).items():
+        ax.axhline(y, linestyle="--", color="grey", linewidth=1)
+        ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    if log_x:
+        ax.set_xscale("log")
+    return _finish(fig, ax, title, xlabel, ylabel, path)
+
+
+def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, path: str | Path) -> Path:
+    """Labels, legend, layout; writes the figure to path and frees it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,13 +1,16 @@
-"""Scoring trained stacks on held-out data: reconstruction statistics on stored activations, and CE loss
-recovered and KL through the language model with each SAE's output spliced in at its hook.
+"""Scoring trained stacks on held-out data: reconstruction statistics on stored activations, recovery of the
+ground truth on toy data, and CE loss recovered and KL through the language model with each SAE's output
+spliced in at its hook.
 
 Through the model, only a language-model head loaded from the checkpoint is used (LanguageModel.head):
-- causal: next-token cross-entropy at positions 0..T-2; KL over every position (as before this option existed).
+- causal: next-token cross-entropy at the kept positions of 0..T-2 (position t predicts token t + 1, and is
+  left out when token t is excluded, as SAELens' evals do); KL over the kept positions.
 - masked: a seeded MASK_FRACTION of the kept positions of each row is replaced by the mask token; CE and KL are
   over those positions only: how well the model still fills in masked tokens.
 The SAE's output replaces the activation at the positions whose (original) token the store keeps; excluded
-special tokens keep their own activation, and zero ablation zeroes exactly the same positions. A transcoder reads
-the module's input and replaces its output.
+special tokens keep their own activation. Zero ablation zeroes every position, excluded ones included, as
+SAELens' evals (and so SAEBench's published ce_loss_score) do. A transcoder reads the module's input and replaces
+its output.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from sparse_coding.eval import metrics
+from sparse_coding.eval.synthetic import TruthMeter
 from sparse_coding.models.language_model import LanguageModel
 from sparse_coding.saes import SAE
 
@@ -39,6 +43,18 @@ def evaluate(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> list[metrics
     return [m.result() for m in meters]
 
 
+@torch.no_grad()
+def truth_meters(
+    stacks: list[SAE], features: Tensor, parent: Tensor, x_eval: Tensor, true_codes: Tensor, batch_size: int
+) -> list[TruthMeter]:
+    """Gives, per stack, the recovery sums of every SAE against the true codes [N, n] of x_eval [N, d]."""
+    meters = [TruthMeter(features, parent, s.decoder().detach()) for s in stacks]
+    for xb, cb in zip(x_eval.split(batch_size), true_codes.split(batch_size), strict=True):
+        for sae, meter in zip(stacks, meters, strict=True):
+            meter.update(cb, sae.encode(xb.float()))
+    return meters
+
+
 @dataclass
 class Scoring:
     """What the model reads and which positions count, for rows tokens [R, T]."""
@@ -56,9 +72,9 @@ def scoring(lm: LanguageModel, tokens: Tensor, excluded: Sequence[int], seed: in
     if lm.head == "causal":
         targets = torch.zeros_like(tokens)
         targets[:, :-1] = tokens[:, 1:]
-        ce = torch.zeros_like(kept)
-        ce[:, :-1] = True
-        return Scoring(tokens, targets, ce, torch.ones_like(kept), kept)
+        ce = kept.clone()
+        ce[:, -1] = False
+        return Scoring(tokens, targets, ce, kept, kept)
     if lm.head == "masked":
         g = torch.Generator().manual_seed(seed)
         chosen = (torch.rand(tokens.shape, generator=g) < MASK_FRACTION) & kept
@@ -77,13 +93,17 @@ def ce_and_kl(
     source: str | None = None,
     budget: int = 2**27,
 ) -> dict[str, Tensor]:
-    """CE loss recovered and KL for every SAE of a stack on held-out rows tokens [R, T]. A transcoder reads
-    `source` (the module's input) and replaces `hook` (its output). The M models run as one batch of M·r rows,
-    r chosen so the biggest intermediate stays under `budget` elements."""
+    """CE loss recovered and KL for every SAE of a stack on held-out rows tokens [R, T], as SAELens' core evals
+    define them (excluded tokens keep their own activation; see the module docstring for the positions scored).
+    Gives, each [M]: ce_clean, ce_zero (the hook zero-ablated), ce_sae, ce_loss_recovered, kl (KL(clean ‖
+    spliced) per position), kl_zero (KL(clean ‖ zero-ablated)) and kl_score. A transcoder reads `source` (the
+    module's input) and replaces `hook` (its output). The M models run as one batch of M·r rows, r chosen so
+    the biggest intermediate stays under `budget` elements."""
     M, (R, T) = stack.n_models, tokens.shape
     s = scoring(lm, tokens, excluded)
     totals = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_sae": torch.zeros(M, dtype=torch.float64)}
     totals["kl"] = torch.zeros(M, dtype=torch.float64)
+    totals["kl_zero"] = 0.0
     probe = lm.logits(s.inputs[:1])
     r = max(1, min(R, budget // (M * T * max(probe.shape[-1], stack.d_sae))))
     for start in range(0, R, r):
@@ -91,8 +111,8 @@ def ce_and_kl(
         inputs, splice, ce, kl, targets = s.inputs[rows], s.splice[rows], s.ce[rows], s.kl[rows], s.targets[rows]
         n = inputs.shape[0]
 
-        def zero(act: Tensor, _src: Tensor, where: Tensor = splice) -> Tensor:
-            return act.masked_fill(where[..., None].to(act.device), 0)
+        def zero(act: Tensor, _src: Tensor) -> Tensor:
+            return torch.zeros_like(act)
 
         splice_m = splice.repeat(M, 1)  # the M models' copies of the rows, one after another
 
@@ -106,13 +126,15 @@ def ce_and_kl(
         spliced = lm.logits(inputs.repeat(M, 1), hook, reconstruct, source).view(M, n, T, -1)
         totals["ce_clean"] += _ce_sum(clean, targets, ce)
         totals["ce_zero"] += _ce_sum(zeroed, targets, ce)
+        at = kl.to(clean.device)
+        totals["kl_zero"] += float(metrics.kl_per_position(clean[at], zeroed[at]).double().sum())
         for m in range(M):
             totals["ce_sae"][m] += _ce_sum(spliced[m], targets, ce)
-            at = kl.to(clean.device)
-            totals["kl"][m] += float(metrics.kl_divergence(clean[at], spliced[m][at])) * int(kl.sum())
+            totals["kl"][m] += float(metrics.kl_per_position(clean[at], spliced[m][at]).double().sum())
     n_ce, n_kl = int(s.ce.sum()), int(s.kl.sum())
     if n_ce == 0 or n_kl == 0:  # no position to score (e.g. nothing masked in very few rows): null, not NaN
-        return {k: torch.full((M,), float("nan")) for k in ("ce_clean", "ce_zero", "ce_sae", "ce_loss_recovered", "kl")}
+        keys = ("ce_clean", "ce_zero", "ce_sae", "ce_loss_recovered", "kl", "kl_zero", "kl_score")
+        return {k: torch.full((M,), float("nan")) for k in keys}
     ce_clean, ce_zero, ce_sae = totals["ce_clean"] / n_ce, totals["ce_zero"] / n_ce, totals["ce_sae"] / n_ce
     return {  # the ratio in float64: its denominator can be small
         "ce_clean": torch.full((M,), ce_clean),
@@ -120,6 +142,8 @@ def ce_and_kl(
         "ce_sae": ce_sae.float(),
         "ce_loss_recovered": metrics.ce_loss_recovered(ce_clean, ce_zero, ce_sae).float(),
         "kl": (totals["kl"] / n_kl).float(),
+        "kl_zero": torch.full((M,), totals["kl_zero"] / n_kl),
+        "kl_score": metrics.kl_score(totals["kl_zero"] / n_kl, totals["kl"] / n_kl).float(),
     }
 
 

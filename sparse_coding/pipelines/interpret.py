@@ -4,6 +4,7 @@ held-out chunks, explanations, simulations and scores through `neuron_explainer`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ from typing import Any
 import torch
 
 from neuron_explainer import (
+    FeatureRecord,
     InterpretConfig,
     RecordConfig,
-    baseline_activations,
+    baseline_directions,
     build_feature_records,
     interpret_features,
+    project,
     write_html,
     write_summary,
 )
@@ -26,7 +29,9 @@ from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.config import Config, option
 from sparse_coding.errors import UserError
 from sparse_coding.files import read_json, write_json
-from sparse_coding.models.language_model import load_tokenizer
+from sparse_coding.models.language_model import load_language_model
+from sparse_coding.models.unembed import logit_effects
+from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
 from utils import claim_folder
 
@@ -92,7 +97,19 @@ def load_rows(data: ActivationDataset, max_rows: int) -> tuple[torch.Tensor, tor
     return torch.cat(toks)[:max_rows], torch.cat(acts)[:max_rows]
 
 
+@dataclass
+class FeatureSet:
+    """One method's features: activations [N, T, n], the indices to interpret (None: all), and the
+    directions [n, d] behind them (an SAE's decoder rows; a baseline's unit directions)."""
+
+    acts: Any
+    features: list[int] | None
+    directions: torch.Tensor
+
+
 def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
+    """Explains and scores the SAE's features and the baselines'; writes the interpret folder (see
+    docs/ARCHITECTURE.md) and gives {"out", "summary"}."""
     if cfg.api_base:  # a missing key is said now, before any work, not after the records are built
         resolve_api_key(ClientConfig(api_base=cfg.api_base, api_key_env=cfg.api_key_env))
     sae_dir = Path(cfg.sae_dir) if cfg.sae_dir else choose_sae(Path(cfg.run_dir) if cfg.run_dir else newest_run())
@@ -100,49 +117,21 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     meta = sae_cfg.get("metadata", {})
     if not meta.get("activations_dir") or not meta.get("model_name"):
         raise UserError(f"{sae_dir}'s cfg.json names no stored activations or model; was it trained by run.py?")
-    data = ActivationDataset.open(meta["activations_dir"])
-    tokenizer = load_tokenizer(meta["model_name"])
-    tokens, dense = load_rows(data, cfg.max_rows)
+    tokens, dense = load_rows(ActivationDataset.open(meta["activations_dir"]), cfg.max_rows)
     if dense.shape[-1] != sae.d_in:
         raise UserError(f"the stored activations have d={dense.shape[-1]}, the SAE expects d_in={sae.d_in}")
-    out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
-    claim_folder(out, "interpret")
-    # Finished features are reused on a rerun, so they must come from the same settings.
-    settings = {
-        **{k: v for k, v in asdict(cfg).items() if k not in ("out", "max_concurrency")},
-        "sae_dir": str(sae_dir.resolve()),
-    }
-    settings_path = out / "interpret_settings.json"
-    if settings_path.is_file() and read_json(settings_path) != json.loads(json.dumps(settings)):
-        raise UserError(f"{out} holds features made with other settings; use another --out (or the same settings)")
-    write_json(settings_path, settings)
-
-    with torch.no_grad():
-        codes = torch.cat([sae.encode(x)[0] for x in dense.flatten(0, 1).split(4096)]).view(*dense.shape[:2], -1)
-    alive = torch.nonzero(codes.flatten(0, 1).amax(0) > 0).flatten()
-    g = torch.Generator().manual_seed(cfg.seed)
-    chosen = alive[torch.randperm(len(alive), generator=g)[: cfg.n_features]].sort().values.tolist()
-    n_base = cfg.n_baseline_features or cfg.n_features
+    out = prepare_out(cfg, sae_dir)
+    lm = load_language_model(meta["model_name"], torch.device("cpu"))
     ids = tokens.unique().tolist()
-    id_to_str = dict(zip(ids, tokenizer.decode_tokens(ids), strict=True))
+    id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
+    effects = logit_effects(lm, meta.get("hook_name", ""), sae.d_in) if meta.get("hook_name") else None
     rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
-    api = InterpretConfig(
-        api_base=cfg.api_base or None,
-        api_key_env=cfg.api_key_env,
-        explainer_model=cfg.explainer_model,
-        simulator_model=cfg.simulator_model,
-        max_concurrency=cfg.max_concurrency,
-        scorer=cfg.scorer,
-        seed=cfg.seed,
-    )
-    methods: dict[str, tuple[Any, list[int] | None]] = {"sae": (codes.numpy(), chosen)}
-    for name in cfg.baselines:
-        acts = baseline_activations(dense.numpy(), name, n_features=min(n_base, dense.shape[-1]), seed=cfg.seed)
-        methods[name] = (acts, None)
-    for name, (acts, feats) in methods.items():
-        print(f"{name}: {len(feats) if feats is not None else acts.shape[-1]} features")
-        records = build_feature_records(tokens.numpy(), acts, id_to_str, features=feats, cfg=rec_cfg, method=name)
-        interpret_features(records, out, name, api)
+    for name, fs in feature_sets(cfg, sae, dense).items():
+        print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")
+        records = build_feature_records(tokens.numpy(), fs.acts, id_to_str, features=fs.features, cfg=rec_cfg,
+                                        method=name)  # fmt: skip
+        add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens)
+        interpret_features(records, out, name, api_config(cfg))
     extra = {
         "sae_dir": str(sae_dir),
         "model_name": meta.get("model_name"),
@@ -151,23 +140,83 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
         "config": asdict(cfg),
     }
     summary = read_json(write_summary(out, cfg.scorer, extra))
-    summary["verdict"] = verdict(summary["by_method"])
-    write_json(out / "summary.json", summary)
     write_html(out, summary, cfg.scorer)
     return {"out": out, "summary": summary}
 
 
-def verdict(by_method: dict[str, Any]) -> str:
-    """One honest sentence: do SAE features score above every baseline that was scored?"""
-    sae = by_method.get("sae", {}).get("mean_score")
-    others = {m: v["mean_score"] for m, v in by_method.items() if m != "sae" and v.get("mean_score") is not None}
-    if sae is None or not others:
-        return "not enough scored features to compare"
-    beaten = [m for m, s in others.items() if s >= sae]
-    if not beaten:
-        return (
-            f"SAE features ({sae:.3f}) score above every baseline ("
-            + ", ".join(f"{m} {s:.3f}" for m, s in others.items())
-            + ")"
-        )
-    return f"SAE features ({sae:.3f}) do not score above " + ", ".join(f"{m} ({others[m]:.3f})" for m in beaten)
+def prepare_out(cfg: InterpretRunConfig, sae_dir: Path) -> Path:
+    """The output folder, refused when it holds features made with other settings (finished features are reused
+    on a rerun, so they must come from the same settings)."""
+    out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
+    claim_folder(out, "interpret")
+    settings = {
+        **{k: v for k, v in asdict(cfg).items() if k not in ("out", "max_concurrency")},
+        "sae_dir": str(sae_dir.resolve()),
+    }
+    settings_path = out / "interpret_settings.json"
+    if settings_path.is_file() and read_json(settings_path) != json.loads(json.dumps(settings)):
+        raise UserError(f"{out} holds features made with other settings; use another --out (or the same settings)")
+    write_json(settings_path, settings)
+    return out
+
+
+def api_config(cfg: InterpretRunConfig) -> InterpretConfig:
+    return InterpretConfig(
+        api_base=cfg.api_base or None,
+        api_key_env=cfg.api_key_env,
+        explainer_model=cfg.explainer_model,
+        simulator_model=cfg.simulator_model,
+        max_concurrency=cfg.max_concurrency,
+        scorer=cfg.scorer,
+        seed=cfg.seed,
+    )
+
+
+@torch.no_grad()
+def feature_sets(cfg: InterpretRunConfig, sae: SAE, dense: torch.Tensor) -> dict[str, FeatureSet]:
+    """The SAE's features (a seeded sample of those that fire) and every baseline's, with their directions."""
+    codes = torch.cat([sae.encode(x)[0] for x in dense.flatten(0, 1).split(4096)]).view(*dense.shape[:2], -1)
+    alive = torch.nonzero(codes.flatten(0, 1).amax(0) > 0).flatten()
+    g = torch.Generator().manual_seed(cfg.seed)
+    chosen = alive[torch.randperm(len(alive), generator=g)[: cfg.n_features]].sort().values.tolist()
+    sets = {"sae": FeatureSet(codes.numpy(), chosen, sae.decoder()[0].detach())}
+    n_base = min(cfg.n_baseline_features or cfg.n_features, dense.shape[-1])
+    for name in cfg.baselines:
+        directions, centre = baseline_directions(dense.numpy(), name, n_features=n_base, seed=cfg.seed)
+        sets[name] = FeatureSet(project(dense.numpy(), directions, centre), None, torch.from_numpy(directions))
+    return sets
+
+
+def add_dashboard(
+    records: list[FeatureRecord],
+    directions: torch.Tensor,
+    effects: Callable[[torch.Tensor], torch.Tensor] | None,
+    decode: Callable[[list[int]], list[str]],
+    n_neighbours: int = 5,
+    n_tokens: int = 10,
+) -> None:
+    """Adds to each record's extras its nearest features by direction cosine and, where the path to the
+    logits is known, the tokens its direction promotes and suppresses most (models/unembed.py)."""
+    if not records:
+        return
+    idx = torch.tensor([r.feature_index for r in records])
+    unit = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sims = unit[idx] @ unit.T
+    sims[torch.arange(len(idx)), idx] = float("-inf")
+    near_cos, near_idx = sims.topk(min(n_neighbours, max(unit.shape[0] - 1, 1)), dim=1)
+    logits = effects(directions[idx]) if effects is not None else None
+    for i, record in enumerate(records):
+        record.extras["neighbours"] = [
+            {"index": int(j), "cosine": round(float(c), 4)} for j, c in zip(near_idx[i], near_cos[i], strict=True)
+        ]
+        if logits is not None:
+            record.extras["logits"] = {
+                "promoted": _top_tokens(logits[i], n_tokens, decode),
+                "suppressed": _top_tokens(-logits[i], n_tokens, decode, sign=-1.0),
+            }
+
+
+def _top_tokens(values: torch.Tensor, n: int, decode: Callable[[list[int]], list[str]], sign: float = 1.0) -> list:
+    """The n largest entries of values [vocab] as [token, sign · value] pairs."""
+    top = values.topk(n)
+    return [[t, round(sign * float(v), 4)] for t, v in zip(decode(top.indices.tolist()), top.values, strict=True)]

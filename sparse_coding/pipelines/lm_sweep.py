@@ -20,6 +20,7 @@ from sparse_coding.activations.batches import ChunkSource, training_rows
 from sparse_coding.activations.caching import Target
 from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.errors import ConfigError
+from sparse_coding.eval.core import core_metrics, weight_metrics
 from sparse_coding.eval.plots import density_histograms
 from sparse_coding.eval.reconstruction import ce_and_kl, evaluate
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
@@ -152,15 +153,19 @@ def same_hparams(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-6) for k in a)
 
 
-def held_out(run: Run, sweep: Sweep) -> tuple[Tensor, Tensor | None]:
-    """Gives the held-out rows (the last --n_eval_chunks chunks, as the trainer takes them) and, where the
-    model can score them, the first --ce_eval_rows of their token rows."""
+def held_out(run: Run, sweep: Sweep) -> tuple[Tensor, Tensor | None, int]:
+    """Gives the held-out rows (the last --n_eval_chunks chunks, as the trainer takes them), where the model can
+    score them the first --ce_eval_rows of their token rows, and the token positions they span (excluded special
+    tokens included, as SAELens' token_stats count them)."""
     cfg = run.cfg
     chunks = [sweep.data.load_chunk(i) for i in range(sweep.n_chunks - cfg.n_eval_chunks, sweep.n_chunks)]
     x_eval = torch.cat([training_rows(c) for c in chunks]).to(run.device)
     scored = sweep.lm is not None and sweep.lm.head is not None and cfg.ce_eval_rows > 0
     tokens = torch.cat([c.tokens for c in chunks]).long()[: cfg.ce_eval_rows] if scored else None
-    return x_eval, tokens
+    positions = sum(
+        c.tokens.numel() if c.tokens is not None and c.tokens.dim() == 2 else len(c.activations) for c in chunks
+    )
+    return x_eval, tokens, positions
 
 
 def train_and_report(
@@ -168,7 +173,7 @@ def train_and_report(
 ) -> dict[str, Any]:
     """Trains in `mini_runs` passes, each followed by metrics, saved SAEs and plots; gives the last results."""
     cfg, info = run.cfg, run.info
-    x_eval, eval_tokens = held_out(run, sweep)
+    x_eval, eval_tokens, positions = held_out(run, sweep)
     wandb_run = start_wandb(cfg, run.out_dir) if info.is_main else None
     log = TrainLog(run.out_dir / LOG_FILE if info.is_main else None, stacks, wandb_run)
     results: dict[str, Any] = {}
@@ -179,7 +184,7 @@ def train_and_report(
             continue
         sharded = info.active and cfg.parallel == "models"
         rows = (
-            evaluate_and_save(run, sweep, trainer.export_stacks(), x_eval, eval_tokens, steps)
+            evaluate_and_save(run, sweep, trainer.export_stacks(), x_eval, eval_tokens, positions, steps)
             if info.is_main or sharded
             else []
         )
@@ -215,7 +220,13 @@ CE_FIELDS = {  # results-row key → ce_and_kl key
 
 
 def evaluate_and_save(
-    run: Run, sweep: Sweep, stacks: list[SAE], x_eval: Tensor, eval_tokens: Tensor | None, steps: int
+    run: Run,
+    sweep: Sweep,
+    stacks: list[SAE],
+    x_eval: Tensor,
+    eval_tokens: Tensor | None,
+    positions: int,
+    steps: int,
 ) -> list[dict[str, Any]]:
     """Evaluates this process's SAEs, saves them, and gives their results rows."""
     cfg, lm, target, data = run.cfg, sweep.lm, sweep.target, sweep.data
@@ -229,9 +240,12 @@ def evaluate_and_save(
             for s in tqdm(stacks, desc="CE/KL", disable=not run.progress)
         ]
 
-    def model_metrics(i: int, m: int) -> dict[str, float | None]:
+    ce_tokens = eval_tokens.numel() if eval_tokens is not None else 0
+
+    def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
-        return {key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}
+        core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, (ce_tokens, positions))
+        return {**{key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}, "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)
     meta = {

@@ -1,12 +1,14 @@
 """The toy-data replication: train an l1 (or k) × dictionary-size sweep on synthetic activations with known
 ground truth, then measure how well each SAE recovers it and how well agreement with the next larger
-dictionary predicts that without the ground truth."""
+dictionary predicts that without the ground truth. With `compare`, several architectures are trained in turn on
+the same data (each into its own sub-folder) and compared in one table: the `hierarchy` preset asks which of them
+recover parents and children."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,12 @@ from torch import Tensor
 from sparse_coding.config import option
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator
 from sparse_coding.errors import CheckpointError
-from sparse_coding.eval import metrics
+from sparse_coding.eval.comparison import write_comparison
 from sparse_coding.eval.plots import metrics_against_l0
-from sparse_coding.eval.reconstruction import evaluate
+from sparse_coding.eval.reconstruction import evaluate, truth_meters
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
-from sparse_coding.files import save_tensors, write_json
-from sparse_coding.saes import SAE
+from sparse_coding.files import read_json, save_tensors, write_json
+from sparse_coding.saes import SAE, SAES
 from sparse_coding.training.checkpoint import check_resumable, config_fingerprint
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.log import LOG_FILE, TrainLog
@@ -40,10 +42,25 @@ class ToyRunConfig(SweepConfig, ToyDataConfig):
         0.9, "a feature counts as matched when its best cosine similarity exceeds this", gt=0, lt=1
     )
     save_saes: bool = option(True, "write every SAE in the SAELens layout under saes/")
+    threads: int = option(
+        0, "CPU threads torch may use (0: its default); 1 suits small problems, above all on a busy machine", ge=0
+    )
+    compare: str = option(
+        "",
+        "comma-separated architectures, or 'all' (every registered one), each trained in turn on the same data "
+        "into <out>/<arch>/ and compared in comparison.md; empty: only --arch",
+    )
 
     def check(self) -> None:
         super().check()
+        for arch in self.compared_archs():
+            replace(self, arch=arch, compare="")  # each sweep is checked as if run alone
         self.check_sizes(self.activation_dim)
+
+    def compared_archs(self) -> list[str]:
+        if self.compare == "all":
+            return list(SAES)
+        return [a.strip() for a in self.compare.split(",") if a.strip()]
 
     def data_config(self) -> ToyDataConfig:
         return ToyDataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ToyDataConfig)})
@@ -104,10 +121,40 @@ def smoke() -> ToyRunConfig:
     )
 
 
-PRESETS = {"paper": paper, "cpu": cpu, "archs": archs, "smoke": smoke}
-
-
 ARCHS_PLOT = "archs_vs_l0.png"
+
+
+def hierarchy() -> ToyRunConfig:
+    """Which architectures recover parents and children: 8 trees (a root, 2 children, 4 grandchildren; when a
+    parent fires, one of its children fires 70 % of the time; a child's vector is half its parent's plus its own)
+    beside 40 free features, 96 true features in all, in 48 dimensions; every registered architecture at the true
+    dictionary size, three knob values each (L0 from about 2 to 6; 4 true features fire on average). Minutes on
+    2 cores (one thread: at these sizes a second one only adds waiting)."""
+    return ToyRunConfig(
+        preset="hierarchy",
+        compare="all",
+        activation_dim=48,
+        n_ground_truth=96,
+        mean_active=4.0,
+        hierarchy_roots=8,
+        hierarchy_branching=2,
+        hierarchy_depth=2,
+        child_prob=0.7,
+        child_mix=0.5,
+        l1_exp_low=-2,
+        l1_exp_high=0,
+        k_values=[3, 4, 6],
+        dict_ratio_exp_low=1,
+        dict_ratio_exp_high=1,
+        n_steps=2000,
+        batch_size=1024,
+        checkpoint_every=500,
+        n_eval=20_000,
+        threads=1,
+    )
+
+
+PRESETS = {"paper": paper, "cpu": cpu, "archs": archs, "smoke": smoke, "hierarchy": hierarchy}
 
 
 class ToySource:
@@ -130,13 +177,18 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
     """Trains the sweep (resuming a killed run in out_dir), evaluates it and writes everything there."""
     if (out_dir / "results.json").exists():
         raise CheckpointError(f"{out_dir} already holds a finished run (results.json); choose another --out")
+    if cfg.compare:
+        return run_comparison(cfg, out_dir, progress)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device)}")
     gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
     fingerprint = config_fingerprint(asdict(cfg))
     check_resumable(out_dir / "checkpoint", fingerprint)
     write_json(out_dir / "config.json", asdict(cfg))
-    save_tensors(out_dir / "ground_truth.safetensors", {"features": gen.features, "probs": gen.probs})
+    truth = {"features": gen.features, "probs": gen.probs, "parent": gen.parent, "depth": gen.depth}
+    save_tensors(out_dir / "ground_truth.safetensors", truth)
 
     stacks = build_stacks(cfg, cfg.activation_dim, device)
     log = TrainLog(out_dir / LOG_FILE, stacks)
@@ -150,21 +202,32 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
     return results
 
 
+def toy_eval_set(
+    config: dict[str, Any], device: torch.device | str, n_eval: int = 0
+) -> tuple[ToyGenerator, Tensor, Tensor]:
+    """The held-out evaluation set of a toy run with this config (config.json's fields): its generator, and
+    n_eval (default: the run's) examples (activations [n_eval, d], true codes [n_eval, n]) from a stream
+    training never sees, drawn in the run's batches so the same settings give the same examples."""
+    n_eval, batch_size = n_eval or int(config["n_eval"]), int(config["batch_size"])
+    data_cfg = ToyDataConfig(**{f.name: config[f.name] for f in dataclasses.fields(ToyDataConfig) if f.name in config})
+    seed = int(config.get("seed", 0))
+    gen = ToyGenerator(data_cfg, seed=seed, device=device, sample_seed=seed + 1_000_003)
+    batches = [gen.sample(batch_size) for _ in range(-(-n_eval // batch_size))]
+    x_eval, true_eval = (torch.cat(parts)[:n_eval] for parts in zip(*batches, strict=True))
+    return gen, x_eval, true_eval
+
+
 def score_against_truth(
     cfg: ToyRunConfig, gen: ToyGenerator, stacks: list[SAE], out_dir: Path, progress: bool
 ) -> list[dict[str, Any]]:
-    """Evaluates every SAE on fresh held-out examples and against the true features; saves the SAEs; gives
-    the result rows."""
-    eval_gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=gen.device, sample_seed=cfg.seed + 1_000_003)
-    x_eval = torch.cat([eval_gen.sample(cfg.batch_size)[0] for _ in range(-(-cfg.n_eval // cfg.batch_size))])
-    stats = evaluate(stacks, x_eval[: cfg.n_eval], cfg.batch_size)
+    """Evaluates every SAE on fresh held-out examples and against the true features and activations (see
+    eval/synthetic.py); saves the SAEs; gives the result rows."""
+    _, x_eval, true_eval = toy_eval_set(asdict(cfg), gen.device)
+    stats = evaluate(stacks, x_eval, cfg.batch_size)
+    meters = truth_meters(stacks, gen.features, gen.parent, x_eval, true_eval, cfg.batch_size)
 
-    def truth_metrics(i: int, m: int) -> dict[str, float]:
-        dec = stacks[i].decoder()[m].detach()
-        return {
-            "mmcs": float(metrics.mmcs(gen.features, dec)),
-            "mmcs_share_above": float(metrics.share_above(gen.features, dec, cfg.mmcs_threshold)),
-        }
+    def truth_metrics(i: int, m: int) -> dict[str, Any]:
+        return meters[i].result(m, gen.depth, cfg.mmcs_threshold)
 
     runs = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, truth_metrics, progress)
     if cfg.save_saes:
@@ -180,6 +243,22 @@ def score_against_truth(
         }
         save_saes(stacks, stats, out_dir / "saes", meta)
     return runs
+
+
+def run_comparison(cfg: ToyRunConfig, out_dir: Path, progress: bool) -> dict[str, Any]:
+    """Trains each compared architecture's sweep into out_dir/<arch>/ (a finished one is reused, so a killed
+    comparison resumes), then writes every row to out_dir/results.json and the comparison table and plot."""
+    runs = []
+    for arch in cfg.compared_archs():
+        sub = out_dir / arch
+        done = sub / "results.json"
+        sub.mkdir(exist_ok=True)
+        results = read_json(done) if done.is_file() else run_toy(replace(cfg, arch=arch, compare=""), sub, progress)
+        runs += results["runs"]
+    results = {"config": asdict(cfg), "runs": runs}
+    write_json(out_dir / "results.json", results)
+    write_comparison(runs, out_dir)
+    return results
 
 
 def plot_results(cfg: ToyRunConfig, runs: list[dict[str, Any]], out_dir: Path) -> None:

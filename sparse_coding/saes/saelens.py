@@ -14,6 +14,7 @@ from sparse_coding.files import load_tensors, read_json, save_tensors, write_jso
 from sparse_coding.saes import SAE, arch_for_saelens_name, sae_class
 
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+SAELENS_LAYOUT = "6.0.0"
 
 
 def save_sae(
@@ -38,7 +39,10 @@ def save_sae(
         "normalize_activations": "none",
         "reshape_activations": "none",
         **sae.saelens_cfg(m),
+        # sae_lens_version names the layout (SAELens 6: metadata nested here); without it SAELens reads the file
+        # as a pre-6 config and drops the metadata, hook_name included
         "metadata": {
+            "sae_lens_version": SAELENS_LAYOUT,
             "arch": sae.architecture,
             "training_architecture": sae.saelens_training_architecture or sae.saelens_architecture,
             **sae.hparams(m),

@@ -18,10 +18,15 @@ def sweep_memory_bytes(cfg: SweepConfig, d_in: int) -> int:
     """Gives an upper estimate of the memory training takes: every parameter four times (value, gradient, Adam's
     two moments) and, per stack, three [n_models, batch, d_sae] tensors (the codes or pre-activations of a step,
     their gradient, and one more for evaluation), all in fp32."""
-    sizes, n_models = cfg.dict_sizes(d_in), len(cfg.hparam_grid())
+    sizes, n_models = cfg.dict_sizes(d_in), n_grid_points(cfg)
     params = sum(n_models * (2 * f * d_in + f + d_in) for f in sizes)
     scratch = sum(3 * n_models * cfg.batch_size * f for f in sizes)
     return FLOAT_BYTES * (4 * params + scratch)
+
+
+def n_grid_points(cfg: SweepConfig) -> int:
+    """Gives the SAEs per dictionary size: every architecture's knob values."""
+    return sum(len(cfg.hparam_grid(cls)) for cls in cfg.sae_classes())
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -36,7 +41,7 @@ def check_sweep_fits(cfg: SweepConfig, d_in: int, device: torch.device) -> str:
     run's header."""
     need, have = sweep_memory_bytes(cfg, d_in), device_memory_bytes(device)
     sizes = cfg.dict_sizes(d_in)
-    what = f"{len(cfg.hparam_grid()) * len(sizes)} SAEs of d_in {d_in}, d_sae {min(sizes)}..{max(sizes)}"
+    what = f"{n_grid_points(cfg) * len(sizes)} SAEs of d_in {d_in}, d_sae {min(sizes)}..{max(sizes)}"
     if need > have:
         raise ConfigError(
             f"the sweep needs about {need / GiB:.1f} GiB ({what}, batch {cfg.batch_size}) but {device} has "

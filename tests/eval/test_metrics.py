@@ -77,8 +77,8 @@ def test_kl_divergence_by_hand():
     p = torch.log(torch.tensor([[0.5, 0.5]]))
     q = torch.log(torch.tensor([[0.25, 0.75]]))
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert metrics.kl_divergence(p, q).item() == pytest.approx(expected)
-    assert metrics.kl_divergence(p, p).item() == pytest.approx(0.0, abs=1e-7)
+    assert metrics.kl_per_position(p, q).item() == pytest.approx(expected)
+    assert metrics.kl_per_position(p, p).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_a_metric_that_cannot_be_computed_is_written_as_null():

@@ -102,9 +102,11 @@ def test_excluded_tokens_keep_their_activations(hf_folder):
     perfect = ce_and_kl(lm, "h.1.mlp", _Fixed(lambda x: x), tokens, excluded=[0])
     zeros = ce_and_kl(lm, "h.1.mlp", _Fixed(torch.zeros_like), tokens, excluded=[0])
     assert perfect["ce_loss_recovered"][0].item() == pytest.approx(1.0, abs=1e-4)
-    assert zeros["ce_loss_recovered"][0].item() == pytest.approx(0.0, abs=1e-4)  # zero ablation edits the same places
     everywhere = ce_and_kl(lm, "h.1.mlp", _Fixed(torch.zeros_like), tokens)
-    assert everywhere["ce_zero"][0].item() != pytest.approx(zeros["ce_zero"][0].item(), rel=1e-6)
+    assert everywhere["ce_loss_recovered"][0].item() == pytest.approx(0.0, abs=1e-4)
+    # (Zero ablation zeroes the separators too, as SAELens': tests/pipelines/test_evaluate.py checks it against
+    # SAELens' own evals; at this last layer their MLP output reaches only their own, unscored, positions.)
+    assert zeros["ce_loss_recovered"][0].item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_a_transcoder_splices_in_place_of_its_module(hf_folder):

@@ -48,6 +48,10 @@ def test_report_opens_in_headless_chromium(tmp_path):
     # a feature whose tokens try to inject markup: it must show as text
     evil = [["<script>alert(1)</script>", " ok", "</div>"]] * 4
     records.append(build_feature_record(evil, np.array([[1.0, 0.0, 0.5]] * 4), 7, RecordConfig(window=3)))
+    records[1].extras = {
+        "logits": {"promoted": [[" York", 2.5], [" City", 1.25]], "suppressed": [["<b>", -3.0]]},
+        "neighbours": [{"index": 0, "cosine": 0.5}, {"index": 99, "cosine": 0.25}],  # 99 has no page
+    }
     interpret_features(records, tmp_path, "sae")
     summary = json.loads(write_summary(tmp_path).read_text())
     index = write_html(tmp_path, summary)
@@ -63,3 +67,11 @@ def test_report_opens_in_headless_chromium(tmp_path):
     top = page.split('class="top-examples"', 1)[1].split("</div></div>", 1)[0]
     assert top.count('class="example"') == 10 and top.count('class="tok"') == 10 * 16
     assert "correlation_all" in page
+    # the dashboard: labelled density axes, logit effects (escaped), linked neighbours, quantile examples
+    hist = page.split('class="histogram"', 1)[1].split("</svg>", 1)[0]
+    assert ">activation</text>" in hist and ">tokens</text>" in hist
+    assert "' York'" in page and "+2.500" in page and "&lt;b&gt;" in page and "-3.000" in page
+    near = page.split('class="neighbours"', 1)[1].split("</ul>", 1)[0]
+    assert '<a href="sae_000000.html">' in near and "sae 99 (cosine 0.250)" in near and "sae_000099" not in near
+    assert page.count("<h3>quantile ") == 5 and 'class="quantiles"' in page
+    assert "95% interval" in dom and "not enough scored features to compare" in dom  # one method only

@@ -30,7 +30,17 @@ def test_interpret_writes_summary_pages_and_resumes(lm_run, tmp_path):
     for method in ("sae", "neuron", "pca", "random", "ica"):
         entry = summary["by_method"][method]
         assert entry["n_features"] == 4 and {"mean_score", "n_features"} <= entry.keys()
-    assert summary["verdict"].startswith("SAE features")
+    assert summary["verdict"].startswith("SAE features") and "95% intervals" in summary["verdict"]
+    for method in ("neuron", "pca", "random", "ica"):
+        c = summary["comparisons"][method]
+        lo, hi = c["interval"]
+        assert lo <= c["difference"] <= hi and c["outcome"] in ("beats", "ties with", "loses to")
+        lo, hi = summary["by_method"][method]["interval"]
+        assert lo <= summary["by_method"][method]["mean_score"] <= hi
+    feature = json.loads(next((out / "features").glob("sae_*.json")).read_text())
+    extras = feature["record"]["extras"]
+    assert len(extras["neighbours"]) == 5 and len(extras["logits"]["promoted"]) == 10
+    assert feature["scores"]["intruder"] is None or 0 <= feature["scores"]["intruder"] <= 1
     assert Path(summary["sae_dir"]).parent == lm_run / "saes"
     assert (out / "index.html").is_file()
     features = sorted((out / "features").glob("*.json"))

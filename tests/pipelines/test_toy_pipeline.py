@@ -81,6 +81,24 @@ def test_every_architecture_in_one_sweep(tmp_path):
     assert len(list((tmp_path / "saes").iterdir())) == len(runs)
 
 
+def test_architectures_compared_on_a_hierarchy(tmp_path):
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--compare", "all", "--hierarchy_roots", "2",
+            "--hierarchy_depth", "2", "--n_steps", "30"]  # fmt: skip
+    replicate_toy_models.main(args)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["arch"] for r in runs} == set(SAES)
+    for r in runs:
+        assert r.keys() >= CONTRACT_KEYS | {"mcc", "hungarian_mmcs", "f1", "absorption", "splitting"}
+        assert set(r["absorption_by_depth"]) == {"0", "1"} and 0 <= r["mcc"] <= 1
+    table = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {arch} |" in table for arch in SAES)
+    assert (tmp_path / "absorption_by_depth.png").stat().st_size > 1000
+    for arch in SAES:
+        assert (tmp_path / arch / "saes").is_dir() and (tmp_path / arch / "ground_truth.safetensors").is_file()
+    r = _cli(*args)
+    assert r.returncode == 2 and "already holds a finished run" in r.stderr
+
+
 def test_killed_run_resumes_to_the_same_results(tmp_path):
     args = ["--preset", "smoke", "--n_steps", "400", "--checkpoint_every", "50"]
     assert _cli(*args, "--out", str(tmp_path / "unbroken")).returncode == 0

@@ -57,6 +57,7 @@ def test_saved_sae_loads_in_saelens_and_here_identically(tmp_path, arch, hp, opt
         x_hat = sae.decode(sae.encode(x))[1]
 
         theirs = SAELensSAE.load_from_disk(str(folder))
+        assert theirs.cfg.metadata.hook_name == "h" and theirs.cfg.metadata.model_name == "toy"  # metadata kept
         assert torch.allclose(theirs.encode(x), codes, atol=1e-5)
         assert torch.allclose(theirs.decode(theirs.encode(x)), x_hat, atol=1e-5)
 
