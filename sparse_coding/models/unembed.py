@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sparse_coding.models.language_model import LanguageModel
+from sparse_coding.models.language_model import Hook, LanguageModel
 
 FINAL_NORMS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 _OUTPUT = re.compile(r"(^|[._])(c_proj|w_out|down_proj|fc2|dense_4h_to_h)([._]|$)", re.I)  # an MLP's way out
@@ -52,7 +52,8 @@ def to_residual(lm: LanguageModel, hook: str, d_hook: int, d_model: int) -> Tens
     Raises LookupError when no weight of the parent module looks like one."""
     if d_hook == d_model:
         return None
-    parent = lm.model.get_submodule(hook.rsplit(".", 1)[0]) if "." in hook else lm.model
+    module = Hook.parse(lm.resolve_hook(hook)).module  # the base model's path, whichever way the hook was named
+    parent = lm.base.get_submodule(module.rsplit(".", 1)[0]) if "." in module else lm.base
     for name, w in parent.named_parameters():
         if w.dim() != 2 or not _OUTPUT.search(name):
             continue

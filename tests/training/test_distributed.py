@@ -32,13 +32,19 @@ def _run(args, out, nproc=1):
 
 def _same_numbers(a, b, rel=1e-4):
     for ra, rb in zip(a, b, strict=True):
-        assert ra.keys() == rb.keys()
-        for k, va in ra.items():
-            vb = rb[k]
-            if isinstance(va, float) and isinstance(vb, float):
-                assert math.isclose(va, vb, rel_tol=rel, abs_tol=1e-6), (ra["name"], k, va, vb)
-            else:
-                assert va == vb, (ra["name"], k)
+        _same_values(ra, rb, rel, ra["name"])
+
+
+def _same_values(va, vb, rel, where):
+    """Floats within rel (nested dicts such as a row's "core" metrics too), everything else equal."""
+    if isinstance(va, dict) and isinstance(vb, dict):
+        assert va.keys() == vb.keys(), where
+        for k in va:
+            _same_values(va[k], vb[k], rel, f"{where}.{k}")
+    elif isinstance(va, float) and isinstance(vb, float):
+        assert math.isclose(va, vb, rel_tol=rel, abs_tol=1e-6), (where, va, vb)
+    else:
+        assert va == vb, where
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk"])
