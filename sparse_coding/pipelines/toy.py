@@ -22,6 +22,7 @@ from sparse_coding.eval.reconstruction import evaluate
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import save_tensors, write_json
 from sparse_coding.saes import SAE
+from sparse_coding.saes.precision import Precision
 from sparse_coding.training.checkpoint import check_resumable, config_fingerprint
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.log import LOG_FILE, TrainLog
@@ -132,6 +133,7 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
         raise CheckpointError(f"{out_dir} already holds a finished run (results.json); choose another --out")
     device = resolve_device(cfg.device)
     print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device)}")
+    print(Precision(cfg.train_dtype).describe(device))
     gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
     fingerprint = config_fingerprint(asdict(cfg))
     check_resumable(out_dir / "checkpoint", fingerprint)
