@@ -65,6 +65,9 @@ class SAE(nn.Module, ABC):
     # times them as the roofline): encoder forward, decoder forward, the codes' gradient, both weight gradients.
     roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
+    # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
+    # family's sparse decoder stays fp32, so its evaluation does too.
+    lowers_decoder: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -176,7 +179,8 @@ class SAE(nn.Module, ABC):
 
     def decode(self, codes: Tensor, x: Tensor | None = None) -> Tensor:
         """codes: [M, B, d_sae] → reconstruction [M, B, d_out]; a skip transcoder also needs its input x."""
-        out = self.precision.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
+        precision = self.precision if self.lowers_decoder else FP32
+        out = precision.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
         return out + self.skip_term(x) if self.skip else out
 
     def skip_term(self, x: Tensor | None) -> Tensor:

@@ -84,6 +84,9 @@ class Precision:
             exponent = torch.frexp(t.detach().abs().amax().float()).exponent  # amax = m·2^e, m in [0.5, 1)
             scale = torch.ldexp(torch.ones((), device=t.device), -exponent)
             t = t * scale.to(t.dtype)
+        if t.requires_grad and torch.is_grad_enabled():  # autograd (dense references, encode with grad): round
+            # in the forward only, the gradient passing through unrounded as through a native matmul's operand
+            return t.to(dtype) + (t.to(self.low).to(dtype) - t).detach(), scale
         low = t.to(self.low)
         return (low if native else low.to(dtype)), scale
 
@@ -98,7 +101,9 @@ class Precision:
                 return torch.bmm(a, b, out=out)
             return torch.baddbmm(bias, a, b, out=out)
         dtype = out.dtype if out is not None else torch.promote_types(torch.promote_types(a.dtype, b.dtype), FLOAT)
-        native = self.is_native(a.device)
+        # Under autograd the emulated form serves every device: the same rounding, and differentiable.
+        tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        native = self.is_native(a.device) and not tracked
         (a_low, sa), (b_low, sb) = self.cast(a, dtype, native), self.cast(b, dtype, native)
         if not native:
             prod = torch.bmm(a_low, b_low, out=out)
