@@ -32,7 +32,7 @@ class PrecisionCheck:
         # CUDA's native matmul accumulates in fp32 where the dense reference (emulated, float64) does not; 1e-7:
         # the sparse paths differ from dense float64 by ~1e-9 (fp32 included), a rounding mismatch by ~1e-3
         native = fast.device.type == "cuda" and self.precision.low is not None
-        assert torch.allclose(fast, ref, rtol=1e-5 if native else 1e-7, atol=1e-12), (fast - ref)
+        assert torch.allclose(fast, ref, rtol=1e-5 if native else 1e-7, atol=1e-12), fast - ref
 
     def assert_grads(self, fast: dict[str, Tensor], sae: SAE) -> None:
         """fast: the fast path's gradients by name; the dense ones are in sae's .grad."""
