@@ -66,7 +66,9 @@ class Precision:
             return True
         if self.native is not None:
             return self.native
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native(self.name))
+        if device.type == "cuda":  # bf16 tensor cores from Ampere on; fp16 everywhere
+            return self.name != "bf16" or torch.cuda.is_bf16_supported()
+        return device.type == "cpu" and cpu_has_native(self.name)
 
     def describe(self, device: torch.device) -> str:
         """One line for a run's header: what --train_dtype does on this device."""
