@@ -23,11 +23,14 @@ $py -c "import torch, json; print(json.dumps({'cuda': torch.cuda.is_available(),
 timeout 150 $py -m pytest -q -p no:cacheprovider tests/saes/test_saes.py tests/training/test_recovery.py tests/eval/test_metrics.py -k "not cpu"
 log tests $?
 
-# Training-step throughput against this GPU's fp32 matmul roofline: the CPU figures' shapes and a big one.
+# Training-step throughput against this GPU's matmul roofline: the CPU figures' shapes, a big one, and bf16 against
+# the bf16 roofline and the fp32 step.
 for args in "--arch relu --d_in 512 --d_sae 8192 --batch 4096" \
             "--arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096" \
             "--arch relu --d_in 128 --d_sae 1024 --batch 4096 --n_models 8" \
-            "--arch topk --k 64 --d_in 768 --d_sae 24576 --batch 8192 --steps 20"; do
+            "--arch topk --k 64 --d_in 768 --d_sae 24576 --batch 8192 --steps 20" \
+            "--arch relu --d_in 512 --d_sae 8192 --batch 4096 --train_dtype bf16 --compare fp32" \
+            "--arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096 --train_dtype bf16 --compare fp32"; do
   # shellcheck disable=SC2086
   timeout 60 $py bench/sae_step.py --device "$dev" $args | tee -a "$out/bench.jsonl"
 done

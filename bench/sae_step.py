@@ -6,6 +6,11 @@ for most, encoder forward, decoder forward, the codes' gradient, decoder and enc
 here at the step's own shapes into preallocated outputs. A dense step can at best match it; a sparse (TopK
 family) step can beat it. With --n_models > 1 the stack is also compared with one SAE fed the same number of
 tokens per step in one large batch. Prints one JSON line per measurement.
+
+--train_dtype bf16|fp16 times the step in that precision (saes/precision.py) against a roofline of the same matmuls
+really run in that dtype (torch.bmm on bf16/fp16 tensors), so the ratio is against the hardware's limit for the
+precision used; on a CPU without bf16/fp16 units that limit is far below fp32's and the step emulates the precision
+at about fp32 speed. --compare fp32 also times the fp32 step in the same rounds and prints both rates and their ratio.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sparse_coding.saes import SAES, build_sae  # noqa: E402
+from sparse_coding.saes.precision import TRAIN_DTYPES, Precision  # noqa: E402
 from utils import tune_allocator  # noqa: E402
 
 
@@ -45,17 +51,21 @@ KNOB_DEFAULTS = {"k": 32, "l1_alpha": 1e-3, "l0_coef": 1.0}  # a typical value o
 
 
 def roofline_step_seconds(
-    names: tuple[str, ...], M: int, B: int, d: int, f: int, device: torch.device, repeats: int
+    names: tuple[str, ...],
+    M: int,
+    B: int,
+    d: int,
+    f: int,
+    device: torch.device,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Gives the summed median times of the named matmuls of one dense step."""
-    x, W_enc, W_dec = (torch.randn(*s, device=device) for s in ((M, B, d), (M, d, f), (M, f, d)))
-    codes, g_codes, g_xhat = (
-        torch.randn(M, B, f, device=device),
-        torch.empty(M, B, f, device=device),
-        x.clone(),
-    )
-    enc_out, dec_out = torch.empty(M, B, f, device=device), torch.empty(M, B, d, device=device)
-    gW_dec, gW_enc = torch.empty(M, f, d, device=device), torch.empty(M, d, f, device=device)
+    """Gives the summed median times of the named matmuls of one dense step, every tensor in dtype."""
+    new = {"device": device, "dtype": dtype}
+    x, W_enc, W_dec = (torch.randn(*s, **new) for s in ((M, B, d), (M, d, f), (M, f, d)))
+    codes, g_codes, g_xhat = torch.randn(M, B, f, **new), torch.empty(M, B, f, **new), x.clone()
+    enc_out, dec_out = torch.empty(M, B, f, **new), torch.empty(M, B, d, **new)
+    gW_dec, gW_enc = torch.empty(M, f, d, **new), torch.empty(M, d, f, **new)
     gemms = {
         "encoder": lambda: torch.bmm(x, W_enc, out=enc_out),
         "decoder": lambda: torch.bmm(codes, W_dec, out=dec_out),
@@ -66,10 +76,21 @@ def roofline_step_seconds(
     return sum(median_time(gemms[name], repeats) for name in names)
 
 
-def step_seconds(arch: str, M: int, B: int, d: int, f: int, knob: float, device: torch.device, steps: int) -> float:
+def step_seconds(
+    arch: str,
+    M: int,
+    B: int,
+    d: int,
+    f: int,
+    knob: float,
+    device: torch.device,
+    steps: int,
+    train_dtype: str = "fp32",
+) -> float:
     """Gives the median wall time of a full training step (forward, backward, fused Adam) of a stack."""
     torch.manual_seed(0)
     sae = build_sae(arch, d, f, [{SAES[arch].knob: knob}] * M).to(device)
+    sae.precision = Precision(train_dtype)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     x = torch.randn(B, d, device=device)
 
@@ -98,17 +119,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timings per roofline matmul (the median is kept)")
     p.add_argument("--rounds", type=int, default=3, help="alternating step/roofline rounds (medians kept)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train_dtype", choices=sorted(TRAIN_DTYPES), default="fp32", help="the step's matmul precision")
+    p.add_argument("--compare", choices=["fp32"], help="also time the fp32 step in the same rounds")
     a = p.parse_args()
     tune_allocator()
     device = torch.device(a.device)
     M, B, d, f = a.n_models, a.batch, a.d_in, a.d_sae
     knob_name = SAES[a.arch].knob
     knob = getattr(a, knob_name)
-    # Rounds alternate step and roofline timings, so drift in the machine's speed hits both alike.
+    dtype, compare = TRAIN_DTYPES[a.train_dtype], a.compare is not None
+    # Rounds alternate step and roofline timings (and the fp32 step), so drift in the machine's speed hits all alike.
     rounds = [
         (
-            step_seconds(a.arch, M, B, d, f, knob, device, a.steps),
-            roofline_step_seconds(SAES[a.arch].roofline_matmuls, M, B, d, f, device, a.repeats),
+            step_seconds(a.arch, M, B, d, f, knob, device, a.steps, a.train_dtype),
+            roofline_step_seconds(SAES[a.arch].roofline_matmuls, M, B, d, f, device, a.repeats, dtype),
+            step_seconds(a.arch, M, B, d, f, knob, device, a.steps) if compare else 0.0,
         )
         for _ in range(a.rounds)
     ]
@@ -117,6 +142,8 @@ def main() -> None:
     ratio = statistics.median(r[1] / r[0] for r in rounds)
     row = {
         "arch": a.arch,
+        "train_dtype": a.train_dtype,
+        "matmuls": "native" if Precision(a.train_dtype).is_native(device) else "emulated",
         "d_in": d,
         "d_sae": f,
         knob_name: knob,
@@ -125,10 +152,14 @@ def main() -> None:
         "tokens_per_s": round(M * B / t_step),
         "roofline_tokens_per_s": round(M * B / t_roof),
         "ratio": round(ratio, 3),
+        "roofline_dtype": str(dtype).removeprefix("torch."),
         "roofline_matmuls": len(SAES[a.arch].roofline_matmuls),
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+    if compare:
+        row["fp32_tokens_per_s"] = round(M * B / statistics.median(r[2] for r in rounds))
+        row["ratio_vs_fp32"] = round(statistics.median(r[2] / r[0] for r in rounds), 3)
     if M > 1:  # the rival: one SAE, same tokens per step in one batch
         pairs = [
             (

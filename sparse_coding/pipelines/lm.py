@@ -30,6 +30,7 @@ from sparse_coding.errors import CheckpointError, ConfigError, UserError
 from sparse_coding.files import write_json
 from sparse_coding.models.language_model import MODEL_DTYPES, LanguageModel, load_language_model
 from sparse_coding.pipelines.lm_sweep import RESULTS, Run, Sweep, fingerprint, run_sweep
+from sparse_coding.saes.precision import Precision
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.distributed import PARALLEL_MODES, gather_json, init_distributed, shutdown
 from sparse_coding.training.memory import check_sweep_fits
@@ -187,6 +188,7 @@ def check_sweep(run: Run, name: str, d: int) -> None:
     run.cfg.check_sizes(d)
     if run.info.is_main:
         print(f"sweep on {name}: {check_sweep_fits(run.cfg, d, run.device)}")
+        print(Precision(run.cfg.train_dtype).describe(run.device))
 
 
 def load_model(run: Run) -> LanguageModel:

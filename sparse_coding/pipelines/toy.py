@@ -24,6 +24,7 @@ from sparse_coding.eval.reconstruction import evaluate, truth_meters
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import read_json, save_tensors, write_json
 from sparse_coding.saes import SAE, SAES
+from sparse_coding.saes.precision import Precision
 from sparse_coding.training.checkpoint import check_resumable, config_fingerprint
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.log import LOG_FILE, TrainLog
@@ -183,6 +184,7 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device)}")
+    print(Precision(cfg.train_dtype).describe(device))
     gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
     fingerprint = config_fingerprint(asdict(cfg))
     check_resumable(out_dir / "checkpoint", fingerprint)

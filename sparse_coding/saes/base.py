@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sparse_coding.saes.precision import FP32, Precision
+
 if TYPE_CHECKING:
     from sparse_coding.training.config import SweepConfig
 
@@ -63,6 +65,9 @@ class SAE(nn.Module, ABC):
     # times them as the roofline): encoder forward, decoder forward, the codes' gradient, both weight gradients.
     roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
+    # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
+    # family's sparse decoder stays fp32, so its evaluation does too.
+    lowers_decoder: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -91,6 +96,7 @@ class SAE(nn.Module, ABC):
         self.decoder_bias, self.decoder_init_norm = decoder_bias, decoder_init_norm
         self.sparsity_scale = 1.0  # the fraction of its sparsity coefficient a model uses now (the trainer's warm-up)
         self.track_firing = False  # whether train_forward keeps steps_since_fired (resampling architectures)
+        self.precision: Precision = FP32  # how the big matmuls run (--train_dtype; saes/precision.py)
         M = self.n_models
         self.W_enc = nn.Parameter(torch.empty(M, d_sae, d_in))
         self.b_enc = nn.Parameter(torch.zeros(M, d_sae))
@@ -165,7 +171,7 @@ class SAE(nn.Module, ABC):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Gives the encoder pre-activations, [M, B, d_sae]."""
-        return torch.baddbmm(self.b_enc[:, None, :], self.center(x), self.encoder().mT)
+        return self.precision.baddbmm(self.b_enc[:, None, :], self.center(x), self.encoder().mT)
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
@@ -173,7 +179,8 @@ class SAE(nn.Module, ABC):
 
     def decode(self, codes: Tensor, x: Tensor | None = None) -> Tensor:
         """codes: [M, B, d_sae] → reconstruction [M, B, d_out]; a skip transcoder also needs its input x."""
-        out = torch.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
+        precision = self.precision if self.lowers_decoder else FP32
+        out = precision.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
         return out + self.skip_term(x) if self.skip else out
 
     def skip_term(self, x: Tensor | None) -> Tensor:
@@ -273,6 +280,7 @@ class SAE(nn.Module, ABC):
         with torch.random.fork_rng(devices=[]):  # building the copy draws an init; keep the caller's RNG as it was
             copy = type(self)(self.d_in, self.d_sae, self._hparams, **self.stack_options())
         copy.load_state_dict(self.state_dict())
+        copy.precision = self.precision
         copy.fold_input_scale(scale)
         return copy.to(self.W_dec.device)
 

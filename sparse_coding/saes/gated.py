@@ -56,7 +56,7 @@ class GatedSAE(PenaltySAE):
         self._cache = BufferCache()
 
     def encode(self, x: Tensor) -> Tensor:
-        shared = torch.bmm(self.center(x), self.W_enc.mT)
+        shared = self.precision.bmm(self.center(x), self.W_enc.mT)
         magnitude = torch.relu(shared * self.r_mag.exp()[:, None, :] + self.b_mag[:, None, :])
         return magnitude * (shared + self.b_enc[:, None, :] > 0)
 
@@ -109,8 +109,9 @@ class _GatedStep(torch.autograd.Function):
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
-        shared = torch.bmm(xc, W_enc.mT, out=cache.get("shared", (M, B, F_), x))  # W(x − b_dec)
-        gate, codes = cache.get("gate", (M, B, F_), x), cache.get("codes", (M, B, F_), x)
+        mm = sae.precision
+        shared = mm.bmm(xc, W_enc.mT, out=cache.get("shared", (M, B, F_), b_gate))  # W(x − b_dec)
+        gate, codes = cache.get("gate", (M, B, F_), b_gate), cache.get("codes", (M, B, F_), b_gate)
         exp_r = r_mag.exp()
         fused = compiled(shared)
         if fused:  # ReLU(π_gate), the codes, Σ_b ReLU(π_gate) and the firing counts in one pass
@@ -121,12 +122,13 @@ class _GatedStep(torch.autograd.Function):
             gate.relu_()
             torch.addcmul(b_mag[:, None, :], shared, exp_r[:, None, :], out=codes).relu_().mul_(open_)
             gate_sum, fires = gate.sum(1), (codes > 0).sum(1)
-        x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
-        x_aux = torch.baddbmm(b_dec.detach()[:, None, :], gate, W_dec.detach())  # the frozen decoder
+        x_hat = mm.baddbmm(b_dec[:, None, :], codes, W_dec)
+        x_aux = mm.baddbmm(b_dec.detach()[:, None, :], gate, W_dec.detach())  # the frozen decoder
         l1 = (gate_sum * weights).sum(-1) / B
-        l0 = fires.sum(-1).to(x.dtype) / B
+        l0 = fires.sum(-1).to(b_gate.dtype) / B
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center, ctx.fused = cache.generation, cache, sae.centers_input, fused
+        ctx.precision = mm
         ctx.save_for_backward(xc, W_enc, b_gate, exp_r, b_mag, W_dec, weights, shared, gate, codes, gate_sum)
         ctx.mark_non_differentiable(l0)
         return x_hat, x_aux, l1, l0
@@ -137,11 +139,12 @@ class _GatedStep(torch.autograd.Function):
             raise RuntimeError("a second training forward ran before this one's backward; its buffers are gone")
         xc, W_enc, b_gate, exp_r, b_mag, W_dec, weights, shared, gate, codes, gate_sum = ctx.saved_tensors
         M, B, F_ = shared.shape
-        g_W_dec = torch.bmm(codes.mT, g_xhat)  # the auxiliary path's decoder is frozen
-        g_codes = torch.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g_codes", (M, B, F_), shared))
+        mm = ctx.precision
+        g_W_dec = mm.bmm(codes.mT, g_xhat)  # the auxiliary path's decoder is frozen
+        g_codes = mm.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g_codes", (M, B, F_), shared))
         l1_weight = (g_l1 / B)[:, None] * weights  # ∂loss/∂ReLU(π_gate) from the L1 term
         # ∂loss/∂ReLU(π_gate) from the auxiliary path, into the codes buffer (no longer needed); then ∂loss/∂shared
-        g_shared = torch.bmm(g_aux, W_dec.mT, out=codes)
+        g_shared = mm.bmm(g_aux, W_dec.mT, out=codes)
         if ctx.fused:
             r_sum, g_b_mag, g_b_gate = torch.ops.sparse_coding.gated_backward(
                 shared, b_gate, exp_r, b_mag, g_codes, g_shared, l1_weight.contiguous()
@@ -152,7 +155,7 @@ class _GatedStep(torch.autograd.Function):
             g_shared.add_(l1_weight[:, None, :]).mul_(open_)  # ∂/∂π_gate
             r_sum, g_b_mag, g_b_gate = (g_codes * shared).sum(1), g_codes.sum(1), g_shared.sum(1)
             g_shared.addcmul_(g_codes, exp_r[:, None, :])  # both paths read W(x − b_dec)
-        g_W_enc = torch.bmm(g_shared.mT, xc)
+        g_W_enc = mm.bmm(g_shared.mT, xc)
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is Σ g_shared @ W_enc
             g_b_dec = g_b_dec - torch.bmm((g_b_gate + exp_r * g_b_mag)[:, None, :], W_enc)[:, 0, :]

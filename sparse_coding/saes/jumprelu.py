@@ -135,18 +135,19 @@ class _JumpReLUStep(torch.autograd.Function):
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
-        pre = cache.get("pre", (M, B, F_), x)
-        torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
-        codes = cache.get("codes", (M, B, F_), x)
+        mm = sae.precision
+        pre = cache.get("pre", (M, B, F_), b_enc)
+        mm.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
+        codes = cache.get("codes", (M, B, F_), b_enc)
         fused = compiled(pre)
         if fused:  # codes = pre·H(pre − θ) and the firing counts in one pass
             fires = torch.ops.sparse_coding.jumprelu_forward(pre, theta, codes)
         else:
-            active = torch.gt(pre, theta[:, None, :], out=cache.get("active", (M, B, F_), x, torch.bool))
+            active = torch.gt(pre, theta[:, None, :], out=cache.get("active", (M, B, F_), b_enc, torch.bool))
             torch.mul(pre, active, out=codes)
             fires = active.sum(1)
-        l0 = fires.sum(-1).to(x.dtype) / B
-        x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
+        l0 = fires.sum(-1).to(b_enc.dtype) / B
+        x_hat = mm.baddbmm(b_dec[:, None, :], codes, W_dec)
         dead_pre = pre.gather(-1, cols[:, None, :].expand(M, B, cols.shape[-1]))
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center, ctx.eps = (
@@ -155,7 +156,7 @@ class _JumpReLUStep(torch.autograd.Function):
             sae.centers_input,
             sae.jumprelu_bandwidth,
         )
-        ctx.fused = fused
+        ctx.fused, ctx.precision = fused, mm
         ctx.save_for_backward(xc, W_enc, W_dec, theta, cols, pre, codes)
         ctx.mark_non_differentiable(fires)
         return x_hat, l0, fires, dead_pre
@@ -167,8 +168,9 @@ class _JumpReLUStep(torch.autograd.Function):
         xc, W_enc, W_dec, theta, cols, pre, codes = ctx.saved_tensors
         M, B, F_ = pre.shape
         eps = ctx.eps
-        g = torch.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g", (M, B, F_), pre))  # ∂loss/∂codes
-        g_W_dec = torch.bmm(codes.mT, g_xhat)
+        mm = ctx.precision
+        g = mm.bmm(g_xhat, W_dec.mT, out=ctx.cache.get("g", (M, B, F_), pre))  # ∂loss/∂codes
+        g_W_dec = mm.bmm(codes.mT, g_xhat)
         # θ's estimators read the window |pre − θ| < ε/2; then ∂codes/∂pre = H(pre − θ) turns g into ∂loss/∂pre
         if ctx.fused:
             window_g, window_n, g_b_enc = torch.ops.sparse_coding.jumprelu_backward(pre, theta, g, eps / 2)
@@ -181,7 +183,7 @@ class _JumpReLUStep(torch.autograd.Function):
         if cols.shape[-1] > 0:  # the pre-act loss's own gradient, on the dead latents' columns
             g.scatter_add_(-1, cols[:, None, :].expand(M, B, cols.shape[-1]), g_dead_pre)
             g_b_enc = g_b_enc.scatter_add(-1, cols, g_dead_pre.sum(1))
-        g_W_enc = torch.bmm(g.mT, xc)
+        g_W_enc = mm.bmm(g.mT, xc)
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is g_b_enc @ W_enc
             g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
+from sparse_coding.saes.precision import Precision
 
 L1_NORMS = ("dict_size", "none")
 
@@ -85,7 +86,15 @@ class ReluSAE(PenaltySAE):
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         weights = self.decoder_norms() if self.free_decoder else None  # L1 weighted by decoder norms
         x_hat, l1, codes = _ReluSAEStep.apply(
-            x, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights, self.centers_input, self._cache
+            x,
+            self.encoder(),
+            self.b_enc,
+            self.decoder(),
+            self.b_dec,
+            weights,
+            self.centers_input,
+            self._cache,
+            self.precision,
         )
         if self.skip:
             x_hat = x_hat + self.skip_term(x)
@@ -139,13 +148,13 @@ class _ReluSAEStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, weights, center: bool, cache: BufferCache):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, weights, center: bool, cache: BufferCache, precision: Precision):  # type: ignore[override]
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if center else x.unsqueeze(0).expand(M, -1, -1)
-        codes = cache.get("codes", (M, B, F_), x)
-        torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=codes)
+        codes = cache.get("codes", (M, B, F_), b_enc)
+        precision.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=codes)
         codes.relu_()
-        x_hat = torch.baddbmm(b_dec[:, None, :], codes, W_dec)
+        x_hat = precision.baddbmm(b_dec[:, None, :], codes, W_dec)
         if weights is None:
             l1 = codes.sum(dim=(1, 2)) / B  # codes ≥ 0, so the sum is the L1 norm
             code_sums = None
@@ -153,7 +162,7 @@ class _ReluSAEStep(torch.autograd.Function):
             code_sums = codes.sum(dim=1)
             l1 = (code_sums * weights).sum(-1) / B
         cache.generation += 1
-        ctx.generation, ctx.cache, ctx.center = cache.generation, cache, center
+        ctx.generation, ctx.cache, ctx.center, ctx.precision = cache.generation, cache, center, precision
         ctx.save_for_backward(xc, W_enc, W_dec, codes, weights, code_sums)
         ctx.mark_non_differentiable(codes)
         return x_hat, l1, codes
@@ -165,7 +174,8 @@ class _ReluSAEStep(torch.autograd.Function):
         xc, W_enc, W_dec, codes, weights, code_sums = ctx.saved_tensors
         M, B, F_ = codes.shape
         g_codes = ctx.cache.get("g_codes", (M, B, F_), codes)
-        torch.bmm(g_xhat, W_dec.mT, out=g_codes)
+        mm = ctx.precision
+        mm.bmm(g_xhat, W_dec.mT, out=g_codes)
         if weights is None:
             g_codes.add_((g_l1 / B)[:, None, None])  # d(l1)/d(codes) = 1/B where codes > 0
             g_weights = None
@@ -173,10 +183,10 @@ class _ReluSAEStep(torch.autograd.Function):
             g_codes.add_((g_l1 / B)[:, None, None] * weights[:, None, :])
             g_weights = (g_l1 / B)[:, None] * code_sums
         torch.ops.aten.threshold_backward.grad_input(g_codes, codes, 0.0, grad_input=g_codes)  # ReLU mask
-        g_W_enc = torch.bmm(g_codes.mT, xc)
+        g_W_enc = mm.bmm(g_codes.mT, xc)
         g_b_enc = g_codes.sum(dim=1)
-        g_W_dec = torch.bmm(codes.mT, g_xhat)
+        g_W_dec = mm.bmm(codes.mT, g_xhat)
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x - b_dec: its gradient summed over the batch is g_b_enc @ W_enc
             g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_weights, None, None
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_weights, None, None, None

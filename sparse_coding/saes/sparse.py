@@ -95,13 +95,13 @@ class SparseEncode(torch.autograd.Function):
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
-        pre = cache.get("pre", (M, B, F_), x)
+        pre = cache.get("pre", (M, B, F_), b_enc)  # fp32 whatever x's dtype (a bf16 store's, say)
         # Where the selection adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
         bias = b_enc if fuses_bias(pre) else None
         if bias is None:
-            torch.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
+            sae.precision.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
         else:
-            torch.bmm(xc, W_enc.mT, out=pre)
+            sae.precision.bmm(xc, W_enc.mT, out=pre)
         vals, idx = sae.select(pre, bias)
         if dead is not None:
             aux_vals, aux_idx = top_dead(pre, dead, k_aux, bias)

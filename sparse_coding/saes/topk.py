@@ -28,6 +28,7 @@ class TopKSAE(SAE):
     saelens_architecture = "topk"
     knob = "k"
     options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias")
+    lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from typing import Any
 from sparse_coding.config import Config, option
 from sparse_coding.errors import ConfigError
 from sparse_coding.saes import SAE, SAES, sae_class
+from sparse_coding.saes.precision import TRAIN_DTYPES
 
 LR_DECAYS = ("linear", "cosine")
 
@@ -73,6 +74,13 @@ class SweepConfig(Config):
     n_steps: int = option(3000, "training steps", gt=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: none)", ge=0)
     log_every: int = option(100, "steps between lines of the training log (train_log.jsonl, wandb)", gt=0)
+    train_dtype: str = option(
+        "fp32",
+        "precision of the big matmuls (encoder, decoder and their gradients): bf16/fp16 operands with fp32 results; "
+        "weights, Adam, the loss and metrics stay fp32. Native on CUDA; emulated (rounded operands, fp32 speed) on "
+        "CPUs without bf16/fp16 matmul units",
+        choices=tuple(TRAIN_DTYPES),
+    )
     seed: int = option(0, "random seed of the SAEs' initialisation and of the data order", ge=0)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
 

@@ -100,6 +100,7 @@ def slice_stack(stack: SAE, models: list[int]) -> SAE:
     part = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in models], **stack.stack_options())
     index = torch.tensor(models, device=stack.W_dec.device)
     part.load_state_dict({k: v.index_select(0, index) for k, v in stack.state_dict().items()})
+    part.precision = stack.precision
     return part.to(stack.W_dec.device)
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from sparse_coding.errors import ConfigError
 from sparse_coding.files import load_optimizer_tensors, optimizer_tensors
 from sparse_coding.saes import SAE
+from sparse_coding.saes.precision import Precision
 from sparse_coding.training.checkpoint import load_checkpoint, save_checkpoint
 from sparse_coding.training.config import SweepConfig
 from sparse_coding.training.schedule import Schedule, input_scale
@@ -37,11 +38,14 @@ def build_stacks(
             if not cls.trains_transcoders():
                 raise ConfigError(f"architecture {cls.architecture!r} does not train as a transcoder yet")
         shape = {"d_out": d_out, "skip": skip}
-    return [
+    stacks = [
         cls(d_in, size, cfg.hparam_grid(cls), **cfg.sae_options(cls), **shape).to(device)
         for cls in classes
         for size in cfg.dict_sizes(d_in)
     ]
+    for s in stacks:
+        s.precision = Precision(cfg.train_dtype)
+    return stacks
 
 
 class BatchSource(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from precision_check import PrecisionCheck
 from torch import Tensor
 
 from sparse_coding.saes import build_sae, gated, jumprelu, kernels
@@ -29,9 +30,10 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _fast_and_dense(sae, x: Tensor, reference) -> None:
+def _fast_and_dense(sae, x: Tensor, reference, check: PrecisionCheck) -> None:
     """Runs the fast path and reference(sae, x) (the dense loss [M]) from the same state (buffers such as dead-latent
-    counts included); asserts equal losses and gradients."""
+    counts included) in check's precision; asserts equal losses and gradients (within the precision's rounding)."""
+    check.apply(sae)
     buffers = {n: b.clone() for n, b in sae.named_buffers()}
     out = sae.train_forward(x)
     out.loss.sum().backward()
@@ -41,9 +43,8 @@ def _fast_and_dense(sae, x: Tensor, reference) -> None:
         b.copy_(buffers[n])
     ref = reference(sae, x)
     ref.sum().backward()
-    assert torch.allclose(out.loss, ref, atol=1e-12), (out.loss, ref)
-    for n, p in sae.named_parameters():
-        assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+    check.assert_loss(out.loss, ref)
+    check.assert_grads(fast, sae)
 
 
 def _perturb(sae, bias: bool) -> None:
@@ -81,7 +82,7 @@ def _dead_some(sae) -> None:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ks", [[3, 3], [2, 4]])
 @pytest.mark.parametrize("f", [12, 512])
-def test_batchtopk_fast_path_matches_dense_autograd(float64, path, bias, ks, f):
+def test_batchtopk_fast_path_matches_dense_autograd(float64, path, bias, ks, f, train_dtype):
     d, B = 6, 9
     x = torch.randn(B, d)
     sae = build_sae("batchtopk", d, f, [{"k": k} for k in ks], decoder_bias=bias, dead_tokens_threshold=10**6)
@@ -94,7 +95,7 @@ def test_batchtopk_fast_path_matches_dense_autograd(float64, path, bias, ks, f):
         total_var = (x - x.mean(0)).pow(2).sum()
         return (x_hat - x).pow(2).sum((1, 2)) / total_var + _auxk(sae, x, pre, x_hat, total_var)
 
-    _fast_and_dense(sae, x, reference)
+    _fast_and_dense(sae, x, reference, train_dtype)
 
 
 def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_kept_value(float64):
@@ -112,7 +113,7 @@ def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_kept_value(floa
 
 @pytest.mark.parametrize("widths", [None, [3, 8]])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matryoshka_fast_path_matches_dense_autograd(float64, path, widths, bias):
+def test_matryoshka_fast_path_matches_dense_autograd(float64, path, widths, bias, train_dtype):
     d, f, B, ks = 6, 20, 9, [3, 4]
     x = torch.randn(B, d)
     sae = build_sae(
@@ -131,7 +132,7 @@ def test_matryoshka_fast_path_matches_dense_autograd(float64, path, widths, bias
             fvus.append((prefix - x).pow(2).sum((1, 2)) / total_var)
         return torch.stack(fvus, -1).mean(-1) + _auxk(sae, x, pre, sae.decode(codes), total_var)
 
-    _fast_and_dense(sae, x, reference)
+    _fast_and_dense(sae, x, reference, train_dtype)
     assert level_widths(20, None) == [1, 2, 5, 10, 20] and level_widths(20, [3, 8, 40]) == [3, 8, 20]
 
 
@@ -170,7 +171,7 @@ class _Jump(torch.autograd.Function):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("free", [False, True])
 @pytest.mark.parametrize("pre_act", [0.0, 0.7])
-def test_jumprelu_fast_path_matches_dense_autograd(float64, path, bias, free, pre_act):
+def test_jumprelu_fast_path_matches_dense_autograd(float64, path, bias, free, pre_act, train_dtype):
     d, f, B, eps = 6, 16, 40, 0.5  # a wide window, so the estimators see many entries
     x = torch.randn(B, d)
     sae = build_sae(
@@ -200,13 +201,13 @@ def test_jumprelu_fast_path_matches_dense_autograd(float64, path, bias, free, pr
         gap = ((theta - pre).relu() * (dead * sae.W_dec.norm(dim=-1) if free else dead)[:, None, :]).sum(-1).mean(-1)
         return fvu + sae.l0_coef * l0 / d + pre_act * gap
 
-    _fast_and_dense(sae, x, reference)
+    _fast_and_dense(sae, x, reference, train_dtype)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("free", [False, True])
 @pytest.mark.parametrize("l1_norm", ["dict_size", "none"])
-def test_gated_fast_path_matches_dense_autograd(float64, path, bias, free, l1_norm):
+def test_gated_fast_path_matches_dense_autograd(float64, path, bias, free, l1_norm, train_dtype):
     d, f, B = 6, 14, 11
     x = torch.randn(B, d)
     sae = build_sae(
@@ -224,21 +225,21 @@ def test_gated_fast_path_matches_dense_autograd(float64, path, bias, free, l1_no
         sae.b_mag.normal_()
 
     def reference(sae, x):
-        shared = torch.bmm(sae.center(x), sae.W_enc.mT)
+        shared = sae.precision.bmm(sae.center(x), sae.W_enc.mT)
         gate = shared + sae.b_enc[:, None, :]
         magnitude = shared * sae.r_mag.exp()[:, None, :] + sae.b_mag[:, None, :]
         x_hat = sae.decode((gate > 0) * magnitude.relu())
-        x_aux = torch.bmm(gate.relu(), sae.W_dec.detach()) + sae.b_dec.detach()[:, None, :]
+        x_aux = sae.precision.bmm(gate.relu(), sae.W_dec.detach()) + sae.b_dec.detach()[:, None, :]
         norms = sae.W_dec.norm(dim=-1) if free else torch.ones(2, f)
         l1 = (gate.relu() * norms[:, None, :]).sum(-1).mean(-1) / (f if l1_norm == "dict_size" else 1)
         mse, aux = ((y - x).pow(2).mean((1, 2)) for y in (x_hat, x_aux))
         return mse + sae.l1_alpha * l1 + aux
 
-    _fast_and_dense(sae, x, reference)
+    _fast_and_dense(sae, x, reference, train_dtype)
 
 
 @pytest.mark.parametrize("free", [False, True])
-def test_relu_with_a_free_decoder_weights_l1_by_decoder_norms(float64, free):
+def test_relu_with_a_free_decoder_weights_l1_by_decoder_norms(float64, free, train_dtype):
     d, f, B = 6, 10, 7
     x = torch.randn(B, d)
     sae = build_sae("relu", d, f, [{"l1_alpha": 0.3}, {"l1_alpha": 2.0}], decoder_init_norm=0.5 if free else 0.0)
@@ -249,7 +250,7 @@ def test_relu_with_a_free_decoder_weights_l1_by_decoder_norms(float64, free):
         norms = sae.W_dec.norm(dim=-1)[:, None, :] if free else 1.0
         return (sae.decode(codes) - x).pow(2).mean((1, 2)) + sae.l1_alpha / f * (codes * norms).sum(-1).mean(-1)
 
-    _fast_and_dense(sae, x, reference)
+    _fast_and_dense(sae, x, reference, train_dtype)
     if free:
         assert torch.allclose(
             build_sae("relu", d, f, [{"l1_alpha": 1.0}], decoder_init_norm=0.1).W_dec.norm(dim=-1),

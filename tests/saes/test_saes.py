@@ -22,7 +22,7 @@ def _perturb(sae, bias):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("l1_norm", ["dict_size", "none"])
-def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device):
+def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device, train_dtype):
     torch.set_default_dtype(torch.float64)
     try:
         d, f, B = 6, 10, 7
@@ -36,6 +36,7 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device):
             decoder_bias=bias,
             l1_norm=l1_norm,
         ).to(device)
+        train_dtype.apply(sae)
         _perturb(sae, bias)
         out = sae.train_forward(x)
         out.loss.sum().backward()
@@ -45,9 +46,8 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device):
         scale = 1 / f if l1_norm == "dict_size" else 1.0
         ref = (sae.decode(codes) - x).pow(2).mean((1, 2)) + sae.l1_alpha * scale * codes.abs().sum(-1).mean(-1)
         ref.sum().backward()
-        assert torch.allclose(out.loss, ref)
-        for n, p in sae.named_parameters():
-            assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+        train_dtype.assert_loss(out.loss, ref)
+        train_dtype.assert_grads(fast, sae)
         assert out.parts["l0"].tolist() == pytest.approx((codes > 0).sum(-1).double().mean(-1).tolist())
     finally:
         torch.set_default_dtype(torch.float32)
@@ -56,12 +56,13 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ks", [[3, 3], [2, 4]])
 @pytest.mark.parametrize("f", [10, 512])  # 512: the CPU top-k's block path, not only its heap
-def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks, f, device):
+def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks, f, device, train_dtype):
     torch.set_default_dtype(torch.float64)
     try:
         d, B = 6, 7
         x = torch.randn(B, d, device=device)
         sae = build_sae("topk", d, f, [{"k": k} for k in ks], decoder_bias=bias, dead_tokens_threshold=1).to(device)
+        train_dtype.apply(sae)
         _perturb(sae, bias)
         sae.tokens_since_fired[0, :5] = 5  # model 0: five dead latents; model 1: two
         sae.tokens_since_fired[1, 8:] = 5
@@ -83,9 +84,8 @@ def test_topk_fast_path_matches_dense_autograd_with_auxk(bias, ks, f, device):
         scale = (dead.sum(-1).double() / (d // 2)).clamp(max=1)
         ref = fvu + sae.auxk_alpha * scale * auxk
         ref.sum().backward()
-        assert torch.allclose(out.loss, ref)
-        for n, p in sae.named_parameters():
-            assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+        train_dtype.assert_loss(out.loss, ref)
+        train_dtype.assert_grads(fast, sae)
     finally:
         torch.set_default_dtype(torch.float32)
 
