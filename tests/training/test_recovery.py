@@ -53,6 +53,12 @@ SWEEPS = {
     "gated": {"l1_exp_low": 1, "l1_exp_high": 2, "l1_exp_base": 10**0.25},
 }
 
+# Matryoshka's nested objective costs recovery on flat (non-hierarchical) data: its first levels (8 and 16 of 128
+# latents here) must reconstruct alone, so they learn blends of frequent features and the later latents learn what
+# those leave, directions a little off the true ones. Measured: best MMCS 0.88 at 1500 steps, 0.90 at 4000 (0.96
+# with a two-level ladder [64, 128]), while BatchTopK, its ladder-free self, reaches 0.99 on the same data.
+RECOVERY = {"matryoshka": 0.85}
+
 
 @pytest.mark.parametrize("arch", sorted(SWEEPS))
 def test_every_architecture_recovers_the_ground_truth(arch):
@@ -60,7 +66,7 @@ def test_every_architecture_recovers_the_ground_truth(arch):
     gen, stacks = _train(cpu, arch=arch, dict_ratio_exp_low=2, n_steps=1500, lr=3e-3, **SWEEPS[arch])
     (sae,) = stacks
     scores = metrics.mmcs(gen.features, sae.decoder().detach())
-    assert float(scores.max()) >= 0.95, scores
+    assert float(scores.max()) >= RECOVERY.get(arch, 0.95), scores
     x = ToyGenerator(gen.cfg, seed=0, sample_seed=99).sample(8192)[0]
     l0 = (sae.encode(x) != 0).float().sum(-1).mean(-1)  # held out, one example at a time (BatchTopK: threshold)
     if sae.knob == "k":
