@@ -185,6 +185,8 @@ class LanguageModel:
     @torch.no_grad()
     def activations(self, tokens: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
         """tokens [B, T] → {hook: its value [B, T, d]} from one forward pass, which stops at the last of them."""
+        if isinstance(hooks, str):  # a str is a Sequence too: its characters would be taken as hook names
+            raise TypeError(f"hooks is a list of hook names; pass [{hooks!r}]")
         wanted = list(dict.fromkeys(hooks))
         captured: dict[str, Tensor] = {}
 
