@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sparse_coding.errors import ConfigError
 from sparse_coding.saes.batchtopk import BatchTopKSAE
+from sparse_coding.saes.kernels import compiled
 from sparse_coding.saes.sparse import sparse_decode, split_flat
 
 if TYPE_CHECKING:
@@ -73,8 +74,39 @@ class MatryoshkaSAE(BatchTopKSAE):
         rows, lat = split_flat(idx, self.d_sae)
         level = torch.bucketize(lat, self.bounds, right=True)  # the level a latent first joins
         parts = sparse_decode(vals, lat, self.decoder(), rows * G + level, B * G).view(M, B, G, self.d_out)
-        err = parts.cumsum(2) + (self.b_dec[:, None, :] - x)[:, :, None, :]  # [M, B, G, d_out]: each prefix's error
-        fvu = err.pow(2).sum(dim=(1, 3)) / total_variance  # [M, G]
+        rest = (self.b_dec[:, None, :] - x).expand(M, B, self.d_out).contiguous()
+        sq, err = NestedSquaredError.apply(parts, rest)
+        fvu = sq.sum(1) / total_variance  # [M, G]
         full = fvu[:, -1].detach()
         log = {"mse": full * total_variance / (B * self.d_out), "fvu": full, "fvu_levels_mean": fvu.mean(-1).detach()}
-        return fvu.mean(-1), err[:, :, -1], log
+        return fvu.mean(-1), err, log
+
+
+class NestedSquaredError(torch.autograd.Function):
+    """P [M, B, G, d] (each level's part of the reconstruction), r [M, B, d] (bias − target) → the squared error of
+    every prefix per token, |E_g|² [M, B, G] with E_g = r + Σ_{h≤g} P_h, and the full dictionary's error E_{G−1}
+    [M, B, d] (no gradient). On CPU one compiled pass per token (dense_cpu.cpp); the backward is the reverse
+    cumulative sum ∂P_h = Σ_{g≥h} 2·∂sq_g·E_g, written over the saved errors (so it runs once per forward)."""
+
+    @staticmethod
+    def forward(ctx, P: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if compiled(P):
+            E = torch.empty_like(P)
+            sq = torch.ops.sparse_coding.nested_sq_err_forward(P.contiguous(), r.contiguous(), E)
+        else:
+            E = P.cumsum(2).add_(r[:, :, None, :])
+            sq = E.pow(2).sum(-1)
+        ctx.save_for_backward(E)
+        full = E[:, :, -1].clone()
+        ctx.mark_non_differentiable(full)
+        return sq, full
+
+    @staticmethod
+    def backward(ctx, g_sq: Tensor, _g_full: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        (E,) = ctx.saved_tensors
+        if compiled(E):
+            torch.ops.sparse_coding.nested_sq_err_backward(E, g_sq.contiguous())
+            g_P = E
+        else:
+            g_P = (2 * g_sq[..., None] * E).flip(2).cumsum(2).flip(2)
+        return g_P, g_P[:, :, 0]

@@ -135,110 +135,56 @@ void heap_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, 
   write_sorted(s.cand, k, out_v, out_i);
 }
 
-// Pass 1 of block_topk: the maximum of each block of b elements (-inf for an all -inf block). Gives false
-// if the row holds a NaN, which block_topk leaves to heap_topk.
+// Pass 1 of block_topk. Block g holds the elements j with j % G == g: the row read as rows of G and block g its
+// column g. Any partition serves the bound; columns make pass 1 a running maximum over contiguous G-wide slices,
+// plain SIMD with no reduction across lanes (blocks of consecutive elements spent most of pass 1 reducing lanes,
+// ~40 µs a row of 8192 on AVX2). Gives false if the row holds a NaN, which block_topk leaves to heap_topk.
 template <typename scalar_t, typename acc_t>
-bool block_maxima(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t b, acc_t* out) {
-  bool nan = false;
-  for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-      const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
-      m = v > m ? v : m;
+bool block_maxima(const scalar_t* __restrict row, const scalar_t* __restrict bias, int64_t n, int64_t G,
+                  acc_t* __restrict out) {
+  int nan = 0;
+  for (int64_t g = 0; g < G; ++g) out[g] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t lo = 0; lo < n; lo += G) {
+    const int64_t len = std::min(G, n - lo);
+    for (int64_t g = 0; g < len; ++g) {
+      const acc_t v = at_j<scalar_t, acc_t>(row + lo, bias + lo, g);
+      out[g] = v > out[g] ? v : out[g];  // NaN keeps out[g]; the flag below catches it
       nan |= v != v;
     }
-    out[g] = m;
   }
-  return !nan;
+  return nan == 0;
 }
-
-#if defined(__GNUC__)
-// float rows, the training hot path: 16 lanes in GCC/Clang vector types, which compile to whatever SIMD the
-// target has; on x86-64 GCC also builds AVX2 and AVX-512 versions and picks one at load time.
-#if defined(__x86_64__) && !defined(__clang__)
-#define SC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SC_SIMD_CLONES
-#endif
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-template <>
-SC_SIMD_CLONES bool block_maxima<float, float>(const float* row, const float* bias, int64_t n, int64_t b,
-                                               float* out) {
-  constexpr int L = 16;
-  i32x16 nan = {};
-  for (int64_t g = 0, G = (n + b - 1) / b; g < G; ++g) {
-    const int64_t lo = g * b, hi = std::min(n, lo + b);
-    f32x16 m;
-    for (int l = 0; l < L; ++l) m[l] = -std::numeric_limits<float>::infinity();
-    int64_t j = lo;
-    for (; j + L <= hi; j += L) {
-      f32x16 v, bv;
-      std::memcpy(&v, row + j, sizeof v);
-      std::memcpy(&bv, bias + j, sizeof bv);
-      v += bv;
-      const i32x16 gt = v > m;  // all ones where v is larger; false for NaN, which keeps m
-      m = (f32x16)(((i32x16)v & gt) | ((i32x16)m & ~gt));
-      nan |= v != v;
-    }
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int l = 0; l < L; ++l) mx = m[l] > mx ? m[l] : mx;
-    for (; j < hi; ++j) {
-      const float v = row[j] + bias[j];
-      mx = v > mx ? v : mx;
-      nan[0] |= v != v;
-    }
-    out[g] = mx;
-  }
-  int32_t any = 0;
-  for (int l = 0; l < L; ++l) any |= nan[l];
-  return any == 0;
-}
-#endif
 
 // The fast path, for rows of at least k blocks: the k-th largest block maximum t is a lower bound on the
 // k-th largest element (those k blocks' maxima are k elements ≥ t), so only elements ≥ t, all in blocks
 // whose maximum is ≥ t, can be in the top k. Pass 1 reads the row once, vectorised; pass 2 reads ~k blocks
-// and keeps, branch-free, the few elements ≥ t (~k + a few on SAE pre-activations). When t is -inf (an
-// AuxK row masked to its few dead latents) the finite elements are kept and the rest of the k are the
-// first -inf entries, as in heap_topk. Gives false, leaving the row to heap_topk, for rows with NaN.
+// and keeps, branch-free, the few elements ≥ t (~k + a few on SAE pre-activations); the final sort ranks them,
+// so the order they are found in does not matter. When t is -inf (an AuxK row masked to its few dead latents)
+// the finite elements are kept and the rest of the k are the first -inf entries, as in heap_topk. Gives false,
+// leaving the row to heap_topk, for rows with NaN.
 template <typename scalar_t, typename acc_t>
-bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, int64_t b, Scratch<acc_t>& s, scalar_t* out_v,
-                int64_t* out_i) {
+bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, int64_t G, Scratch<acc_t>& s,
+                scalar_t* out_v, int64_t* out_i) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t G = (n + b - 1) / b;
   acc_t* bmax = s.block_max.data();
-  if (!block_maxima<scalar_t, acc_t>(row, bias, n, b, bmax)) return false;
+  if (!block_maxima<scalar_t, acc_t>(row, bias, n, G, bmax)) return false;
   const acc_t t = kth_largest(bmax, G, k);
   acc_t* cv = s.cand_v.data();
   int64_t* ci = s.cand_i.data();
   int64_t c = 0;
-  if (t > neg_inf) {
-    for (int64_t g = 0; g < G; ++g) {
-      if (bmax[g] < t) continue;
-      for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-        const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
-        cv[c] = v;
-        ci[c] = j;
-        c += v >= t;
-      }
+  for (int64_t g = 0; g < G; ++g) {
+    if (bmax[g] < t || bmax[g] == neg_inf) continue;
+    for (int64_t j = g; j < n; j += G) {
+      const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
+      cv[c] = v;
+      ci[c] = j;
+      c += v >= t && v > neg_inf;
     }
-  } else {
-    for (int64_t g = 0; g < G; ++g) {
-      if (bmax[g] == neg_inf) continue;
-      for (int64_t j = g * b, hi = std::min(n, j + b); j < hi; ++j) {
-        const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
-        cv[c] = v;
-        ci[c] = j;
-        c += v > neg_inf;
-      }
-    }
-    for (int64_t j = 0; j < n && c < k; ++j) {
-      if (at_j<scalar_t, acc_t>(row, bias, j) == neg_inf) {
-        cv[c] = neg_inf;
-        ci[c++] = j;
-      }
+  }
+  for (int64_t j = 0; j < n && c < k; ++j) {  // only when t is -inf: fewer than k finite elements
+    if (at_j<scalar_t, acc_t>(row, bias, j) == neg_inf) {
+      cv[c] = neg_inf;
+      ci[c++] = j;
     }
   }
   s.cand.clear();
@@ -289,18 +235,19 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
     // Blocks of 8..64 elements, at least 4k of them where the row allows; too few blocks: heap only.
     int64_t b = 64;
     while (b > 8 && n / b < 4 * k) b /= 2;
-    const bool blocks = n / b >= 2 * k && (n + b - 1) / b <= 1024;
+    const int64_t G = (n + b - 1) / b;  // blocks
+    const bool blocks = n / b >= 2 * k && G <= 1024;
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> s;
       s.heap_v.resize(k);
       s.heap_i.resize(k);
-      s.block_max.resize((n + b - 1) / b);
+      s.block_max.resize(G);
       s.cand_v.resize(n + 1);
       s.cand_i.resize(n + 1);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = src + r * n;
         const scalar_t* br = bias_p + (r / rows_per_bias) * n;
-        if (!(blocks && block_topk<scalar_t, acc_t>(row, br, n, k, b, s, val + r * k, idx + r * k))) {
+        if (!(blocks && block_topk<scalar_t, acc_t>(row, br, n, k, G, s, val + r * k, idx + r * k))) {
           heap_topk<scalar_t, acc_t>(row, br, n, k, s, val + r * k, idx + r * k);
         }
       }
@@ -340,6 +287,14 @@ void collect_at_least(const scalar_t* slab, const scalar_t* bias, int64_t r0, in
 }
 
 #if defined(__GNUC__)
+// On x86-64 GCC also builds AVX2 and AVX-512 versions and picks one at load time.
+#if defined(__x86_64__) && !defined(__clang__)
+#define SC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SC_SIMD_CLONES
+#endif
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 // float slabs, the training hot path: 16 order keys at a time (the bit trick of order_key, lane-wise); the

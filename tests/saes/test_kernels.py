@@ -1,5 +1,6 @@
-"""The TopK primitives: the compiled CPU top-k against torch.topk (same values, indices that hold them, ties and
-NaN handled), its fallback, and the per-latent sums against a dense one-hot matmul."""
+"""The compiled primitives: the CPU top-k against torch.topk (same values, indices that hold them, ties and
+NaN handled), its fallback, the per-latent sums against a dense one-hot matmul, and the fused JumpReLU/gated
+passes against the same formulas in torch."""
 
 import os
 import subprocess
@@ -37,6 +38,17 @@ def test_ties_go_to_the_lower_index_and_nan_ranks_first():
     vals, idx = topk_last_dim(x, 3)
     assert idx.tolist() == [[5, 1, 2], [0, 1, 2]]
     assert vals[0, 0].isnan() and vals[0, 1:].tolist() == [3.0, 3.0]
+
+
+def test_ties_in_long_rows_rank_like_a_stable_sort():
+    """The bound's path (rows of thousands, a length that is no multiple of the block count): among equal
+    values the lower index wins, exactly as a stable sort of -x orders them."""
+    x = torch.randint(0, 20, (16, 8191)).float()
+    x[3, 100] = float("nan")  # a NaN row takes the heap and must agree too
+    vals, idx = topk_last_dim(x, 32)
+    want = torch.argsort(-x.nan_to_num(nan=float("inf")), dim=-1, stable=True)[:, :32]
+    assert torch.equal(idx, want)
+    assert torch.equal(vals[:, 1:], x.gather(-1, want)[:, 1:])
 
 
 def test_masked_rows_with_few_finite_values():
@@ -140,3 +152,67 @@ def test_a_stale_build_lock_does_not_hang_the_load(tmp_path):
     code = "from sparse_coding.saes import kernels; assert kernels.cpu_kernel_available()"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_kernels_match_torch_across_latent_blocks(dtype):
+    """The fused JumpReLU and gated passes of dense_cpu.cpp against the same formulas in torch, on a stack wide
+    enough for several blocks of latents (the last one partial), so each block's offsets are exercised."""
+    if not cpu_kernel_available():
+        pytest.skip("the CPU kernels are not built here")
+    ops = torch.ops.sparse_coding
+    M, B, F = 2, 9, 600
+    pre, g0, g_codes = (torch.randn(M, B, F, dtype=dtype) for _ in range(3))
+    theta, b_gate, b_mag, l1_weight = (torch.randn(M, F, dtype=dtype) for _ in range(4))
+    exp_r = torch.rand(M, F, dtype=dtype) + 0.5
+    close = {"rtol": 1e-5, "atol": 1e-5}
+
+    codes = torch.empty_like(pre)
+    fires = ops.jumprelu_forward(pre, theta, codes)
+    on = pre > theta[:, None]
+    assert torch.equal(codes, pre * on) and torch.equal(fires, on.sum(1))
+
+    g = g0.clone()
+    window_g, window_n, g_sum = ops.jumprelu_backward(pre, theta, g, 0.3)
+    window = (pre - theta[:, None]).abs() < 0.3
+    torch.testing.assert_close(window_g, (g0 * window).sum(1), **close)
+    assert torch.equal(window_n, window.sum(1).to(dtype))
+    assert torch.equal(g, g0 * on)
+    torch.testing.assert_close(g_sum, (g0 * on).sum(1), **close)
+
+    gate, codes = torch.empty_like(pre), torch.empty_like(pre)
+    gate_sum, fires = ops.gated_forward(pre, b_gate, exp_r, b_mag, gate, codes)
+    pi_gate, pi_mag = pre + b_gate[:, None], pre * exp_r[:, None] + b_mag[:, None]
+    assert torch.equal(gate, pi_gate.relu()) and torch.equal(codes, (pi_gate > 0) * pi_mag.relu())
+    torch.testing.assert_close(gate_sum, pi_gate.relu().sum(1), **close)
+    assert torch.equal(fires, (codes > 0).sum(1))
+
+    g = g0.clone()
+    r_sum, mag_sum, gate_grad_sum = ops.gated_backward(pre, b_gate, exp_r, b_mag, g_codes, g, l1_weight)
+    d_mag = g_codes * ((pi_gate > 0) & (pi_mag > 0))
+    d_gate = (g0 + l1_weight[:, None]) * (pi_gate > 0)
+    torch.testing.assert_close(g, d_gate + exp_r[:, None] * d_mag, **close)
+    torch.testing.assert_close(r_sum, (d_mag * pre).sum(1), **close)
+    torch.testing.assert_close(mag_sum, d_mag.sum(1), **close)
+    torch.testing.assert_close(gate_grad_sum, d_gate.sum(1), **close)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nested_squared_error_kernel_matches_torch(dtype):
+    """Matryoshka's per-prefix errors: the compiled pass and its in-place backward against cumsum and autograd,
+    at a width that is no multiple of the kernel's eight running sums."""
+    if not cpu_kernel_available():
+        pytest.skip("the CPU kernels are not built here")
+    ops = torch.ops.sparse_coding
+    M, B, G, d = 2, 5, 3, 37
+    P, r = torch.randn(M, B, G, d, dtype=dtype, requires_grad=True), torch.randn(M, B, d, dtype=dtype)
+    E = torch.empty(M, B, G, d, dtype=dtype)
+    sq = ops.nested_sq_err_forward(P.detach(), r, E)
+    want_E = P.cumsum(2) + r[:, :, None]
+    want_sq = want_E.pow(2).sum(-1)
+    torch.testing.assert_close(E, want_E.detach())
+    torch.testing.assert_close(sq, want_sq.detach())
+    g_sq = torch.randn(M, B, G, dtype=dtype)
+    (want_sq * g_sq).sum().backward()
+    ops.nested_sq_err_backward(E, g_sq)
+    torch.testing.assert_close(E, P.grad)

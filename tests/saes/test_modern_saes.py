@@ -8,7 +8,7 @@ import torch
 from precision_check import PrecisionCheck
 from torch import Tensor
 
-from sparse_coding.saes import build_sae, gated, jumprelu, kernels
+from sparse_coding.saes import build_sae, gated, jumprelu, kernels, matryoshka
 from sparse_coding.saes.kernels import batch_topk
 from sparse_coding.saes.matryoshka import level_widths
 
@@ -27,6 +27,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(kernels, "fuses_bias", lambda x: False)
         monkeypatch.setattr(jumprelu, "compiled", lambda x: False)
         monkeypatch.setattr(gated, "compiled", lambda x: False)
+        monkeypatch.setattr(matryoshka, "compiled", lambda x: False)
     return request.param
 
 
