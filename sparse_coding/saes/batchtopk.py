@@ -6,10 +6,12 @@ initialised as the decoder's transpose, the sparse decoder and gradients of saes
 entries. Only the selection differs: one exact top-(k·B) over each model's [B, d_sae] slab (kernels.batch_topk).
 
 Inference cannot see a batch, so the SAE also learns a global threshold θ: after every step
-θ ← (1 − 0.01)·θ + 0.01·(smallest positive value kept), from θ = 0, in float64 — SAELens' documented choice
-(`topk_threshold_lr` 0.01; dictionary_learning uses an EMA of the same quantity). `encode` (evaluation, export) is
-then JumpReLU with that threshold on every latent, ReLU(pre)·[pre > θ], one example at a time, and the SAE is saved
-as SAELens saves it: a `jumprelu` folder with a `threshold` tensor.
+θ ← (1 − 0.01)·θ + 0.01·(smallest positive value kept), in float64 — SAELens' rate (`topk_threshold_lr` 0.01).
+The first step sets θ to that value outright, as dictionary_learning does (its θ starts at −1, "unset"): SAELens
+starts the average from 0, which leaves θ at 1 − 0.99ⁿ of its value after n steps (39 % at 50), so a short run or an
+early evaluation encodes with a threshold far too low (held-out L0 8-20× k here at 50 steps). `encode` (evaluation,
+export) is JumpReLU with θ on every latent, ReLU(pre)·[pre > θ], one example at a time, and the SAE is saved as
+SAELens saves it: a `jumprelu` folder with a `threshold` tensor.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any):
         super().__init__(d_in, d_sae, hparams, **options)
-        self.register_buffer("threshold", torch.zeros(self.n_models, dtype=torch.float64))
+        self.register_buffer("threshold", torch.full((self.n_models,), -1.0, dtype=torch.float64))  # −1: unset
 
     def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """pre (+ bias): [M, B, d_sae] → (values, flat indices) [M, k_max·B], in index order (saes/sparse.py's
@@ -63,10 +65,12 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def record_firing(self, vals: Tensor, idx: Tensor, n_tokens: int) -> None:
-        """Also moves θ towards this batch's smallest kept positive value (each model's own; none kept: no move)."""
+        """Also moves θ towards this batch's smallest kept positive value (each model's own; none kept: no move;
+        θ unset: set to it)."""
         super().record_firing(vals, idx, n_tokens)
         smallest = vals.masked_fill(vals <= 0, float("inf")).amin(-1).double()
         moved = (1 - THRESHOLD_LR) * self.threshold + THRESHOLD_LR * smallest
+        moved = torch.where(self.threshold < 0, smallest, moved)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 
     # --- SAELens: saved as JumpReLU ----------------------------------------------------------------------
@@ -80,8 +84,8 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def export(self, m: int) -> dict[str, Tensor]:
-        threshold = torch.full(
-            (self.d_sae,), float(self.threshold[m]), dtype=self.W_dec.dtype, device=self.W_dec.device
+        threshold = torch.full(  # an untrained SAE (θ unset) exports θ = 0: ReLU
+            (self.d_sae,), max(float(self.threshold[m]), 0.0), dtype=self.W_dec.dtype, device=self.W_dec.device
         )
         return {**super().export(m), "threshold": threshold}
 

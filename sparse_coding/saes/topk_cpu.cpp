@@ -259,9 +259,9 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
 // ---- batch top-k: the n largest entries of a whole [R, F] slab at once (BatchTopK SAEs) ----
 //
 // torch.topk over the flattened slab (131 072 of 33.5 M entries at batch 4096, d_sae 8192, k 32) took ~1 s here.
-// Instead: a strided sample gives a key t that about 1.15·n entries reach; one parallel pass keeps every entry
-// whose key is ≥ t, per chunk of rows and so in index order; the exact n-th largest is then chosen among those
-// ~1.15·n. Should fewer than n reach t (a misleading sample), the pass is redone keeping everything. Ranks go by
+// Instead: a strided sample gives a key t that about 1.15·n entries reach (more for a small sample); one parallel
+// pass keeps every entry whose key is ≥ t, per chunk of rows and so in index order; the exact n-th largest is then
+// chosen among those few. Should fewer than n reach t (a misleading sample), the pass is redone keeping everything. Ranks go by
 // order key: larger value first, a (positive) NaN above +inf as in torch.topk; ties at the boundary go to the
 // lower index, so the result is deterministic.
 
@@ -337,8 +337,10 @@ template <typename scalar_t>
 void slab_topk(const scalar_t* slab, const scalar_t* bias, int64_t R, int64_t F, int64_t n, scalar_t* out_v,
                int64_t* out_i) {
   using key_t = decltype(order_key(scalar_t{}));
-  // The sample: whole rows (tokens are exchangeable, and whole rows read memory in order), ~2^19 entries.
-  const int64_t row_step = std::max<int64_t>(1, R * F / (1 << 19));
+  // The sample: whole rows (tokens are exchangeable, and whole rows read memory in order), a sixteenth of the
+  // slab within 2^15..2^19 entries (a whole small slab made its selection cost ~5 ms of a toy step).
+  const int64_t target = std::clamp<int64_t>(R * F / 16, 1 << 15, 1 << 19);
+  const int64_t row_step = std::max<int64_t>(1, R * F / target);
   std::vector<key_t> sample;
   for (int64_t r = 0; r < R; r += row_step)
     for (int64_t j = 0; j < F; ++j) sample.push_back(order_key(static_cast<scalar_t>(slab[r * F + j] + bias[j])));
@@ -400,9 +402,16 @@ std::tuple<at::Tensor, at::Tensor> batch_topk(const at::Tensor& input, at::IntAr
   at::Tensor values = at::zeros({M, K}, x.options());
   at::Tensor indices = at::full({M, K}, R * F - 1, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_topk", [&] {
-    for (int64_t m = 0; m < M; ++m) {
+    auto one = [&](int64_t m) {
       slab_topk<scalar_t>(x.const_data_ptr<scalar_t>() + m * R * F, bias.const_data_ptr<scalar_t>() + m * F, R, F,
                           counts[m], values.data_ptr<scalar_t>() + m * K, indices.data_ptr<int64_t>() + m * K);
+    };
+    if (M >= at::get_num_threads()) {  // a model per thread (each slab's own pass then runs serially)
+      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) one(m);
+      });
+    } else {
+      for (int64_t m = 0; m < M; ++m) one(m);  // the threads share each slab's pass
     }
   });
   return {values, indices};

@@ -107,9 +107,16 @@ def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_kept_value(floa
         v = sae.pre_acts(x)[m].reshape(-1).topk(k * 10).values
         smallest.append(v[v > 0].min())
     sae.train_forward(x, stats=False)
-    assert torch.allclose(sae.threshold, 0.01 * torch.stack(smallest))
+    first = torch.stack(smallest)
+    assert torch.allclose(sae.threshold, first)  # the first batch sets θ (no average from an arbitrary start)
     pre = sae.pre_acts(x)
     assert torch.equal(sae.encode(x), pre.relu() * (pre > sae.threshold[:, None, None]))  # inference: JumpReLU
+    x2 = 3 * torch.randn(10, 4)
+    second = torch.stack(
+        [(v := sae.pre_acts(x2)[m].reshape(-1).topk(k * 10).values)[v > 0].min() for m, k in enumerate([2, 5])]
+    )
+    sae.train_forward(x2, stats=False)
+    assert torch.allclose(sae.threshold, 0.99 * first + 0.01 * second)  # then SAELens' rate
 
 
 @pytest.mark.parametrize("widths", [None, [3, 8]])
@@ -270,6 +277,17 @@ def test_batch_topk_kernel_matches_torch_topk():
             assert torch.equal(vals[m, :n].sort().values, flat[m].topk(n).values.sort().values)
             assert torch.equal(flat[m][idx[m, :n]], vals[m, :n]) and (idx[m, :n].diff() > 0).all()
             assert (vals[m, n:] == 0).all() and (idx[m, n:] == 64 * 200 - 1).all()
+
+
+def test_batch_topk_is_exact_when_its_sample_misleads():
+    """One model, a slab whose sampled rows (every 8th) are the only large ones: the sample's bound is too high,
+    fewer than n entries reach it, and the kernel must take its second pass to stay exact."""
+    x = torch.randn(1, 4096, 64)
+    x[:, ::8] *= 100
+    n = 64 * 4096 // 4
+    vals, idx = batch_topk(x, [n])
+    assert torch.equal(vals[0].sort().values, x.reshape(-1).topk(n).values.sort().values)
+    assert torch.equal(x.reshape(-1)[idx[0]], vals[0]) and (idx[0].diff() > 0).all()
 
 
 def test_batch_topk_ties_go_to_the_lower_index():
