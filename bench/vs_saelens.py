@@ -9,10 +9,11 @@ back with `sae_lens.SAE.load_from_disk`, so one evaluation (the same code, SAELe
 on the held-out chunk: FVU, L0 and dead latents (never fired there). tokens_per_s is each training loop's own
 rate, batches included, measured in this process.
 
-relu has no k to fix L0, so ours is trained at three l1 values bracketing SAELens' l1_coefficient (mapped by
-l1_alpha = l1_coefficient · d_sae / d_in, which makes the two losses agree for unit decoder norms) and our FVU is
-interpolated, in log L0, at each SAELens run's L0 ("l0" then is that L0, "interpolated": true); our tokens_per_s
-is then one of those SAEs trained alone for --timing_steps steps.
+relu has no k to fix L0, so ours is trained at l1 values bracketing SAELens' l1_coefficient (mapped by
+l1_alpha = l1_coefficient · d_sae / d_in, which makes the two losses agree for unit decoder norms; BRACKET below) and
+our FVU is interpolated, in log L0, at each SAELens run's L0 ("l0" then is that L0, "interpolated": true; outside our
+runs' L0 range fvu is null, with the reason); our tokens_per_s is then one of those SAEs trained alone for
+--timing_steps steps.
 
 Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr",
 "ours": {"tokens_per_s", "fvu", "l0", "dead"}, "saelens": {same keys}}.
@@ -36,7 +37,12 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sparse_coding.activations.batches import ChunkSource  # noqa: E402
-from sparse_coding.activations.caching import CacheConfig, prepare_activations  # noqa: E402
+from sparse_coding.activations.caching import (  # noqa: E402
+    CacheConfig,
+    prepare_activations,
+    resolve_targets,
+    store_specs,
+)
 from sparse_coding.activations.store import ActivationDataset  # noqa: E402
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator  # noqa: E402
 from sparse_coding.models.language_model import load_language_model  # noqa: E402
@@ -49,6 +55,11 @@ from sparse_coding.training.trainer import Trainer  # noqa: E402
 from utils import tune_allocator  # noqa: E402
 
 SAELENS_DEFAULT_LR = 3e-4  # SAETrainerConfig's and LanguageModelSAERunnerConfig's default
+# Our penalty coefficients (relu, gated, jumprelu), as multiples of the one whose loss equals SAELens' at unit decoder
+# norms. Equal losses do not give equal L0: SAELens starts its decoder rows at norm 0.1 and weighs the penalty by
+# them, so it trains far less sparse (measured, relu, tiny model, 1 M tokens: SAELens' L0 3.6 at lr 1e-3 and 16.5 at
+# 3e-4, ours 0.07–0.66 for 1/2–2×); the bracket reaches well below.
+BRACKET = [1 / 64, 1 / 16, 1 / 4, 1, 4]
 # Our architecture → SAELens' training module and class, and its config fields for our knob's value.
 SAELENS = {
     "topk": ("topk_sae", "TopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
@@ -71,10 +82,18 @@ def activation_store(args: argparse.Namespace) -> ActivationDataset | None:
     """The tiny model's activations, enough chunks for --tokens plus one held out (cached here if missing)."""
     if not Path(args.model_name).is_dir():
         return None
-    chunk = 131_072
-    cfg = CacheConfig(model_name=args.model_name, n_chunks=math.ceil(args.tokens / chunk) + 1, chunk_size_tokens=chunk)
+    chunk = args.chunk_tokens
+    cfg = CacheConfig(
+        model_name=args.model_name,
+        dataset_name=args.dataset_name,
+        max_length=args.max_length,
+        n_chunks=math.ceil(args.tokens / chunk) + 1,
+        chunk_size_tokens=chunk,
+        activations_dir=args.activations_dir,
+    )
     lm = load_language_model(cfg.model_name, torch.device("cpu"))
-    return prepare_activations(cfg, lm, lm.hook_for(cfg.layer, cfg.layer_loc), progress=False)
+    [data] = prepare_activations(cfg, lm, store_specs(cfg, lm, resolve_targets(cfg, lm)), progress=False)
+    return data
 
 
 class ToyChunks:
@@ -105,7 +124,11 @@ def batch_stream(data: ActivationDataset | ToyChunks, batch: int, seed: int) -> 
 
 
 def held_out(data: ActivationDataset | ToyChunks) -> Tensor:
-    return data.held_out(131_072) if isinstance(data, ToyChunks) else data.load_chunk(data.n_chunks - 1)[0].float()
+    return (
+        data.held_out(131_072)
+        if isinstance(data, ToyChunks)
+        else data.load_chunk(data.n_chunks - 1).activations.float()
+    )
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -175,12 +198,22 @@ def score(folder: Path, x: Tensor) -> dict[str, float]:
 
 
 def interpolate_at_l0(points: list[dict[str, float]], l0: float) -> dict[str, Any]:
-    """Our FVU at L0 l0, linear in log L0 between the two bracketing runs (the nearest two if none brackets);
-    dead latents from the run whose L0 is nearest."""
-    pts = sorted(points, key=lambda p: p["l0"])
+    """Our FVU at L0 l0, linear in log L0 between the two bracketing runs; dead latents from the run whose L0 is
+    nearest. Outside our runs' L0 range there is nothing to interpolate: fvu is None, with the reason."""
+    pts = sorted((p for p in points if p["l0"] > 0), key=lambda p: p["l0"])  # (an SAE that never fires: no log)
+    if not pts or not pts[0]["l0"] <= l0 <= pts[-1]["l0"]:
+        return {
+            "fvu": None,
+            "l0": l0,
+            "dead": None,
+            "interpolated": False,
+            "reason": f"SAELens' L0 {l0:.3g} is outside our runs' L0 range "
+            + (f"[{pts[0]['l0']:.3g}, {pts[-1]['l0']:.3g}]" if pts else "(none fired)"),
+        }
     hi = next((i for i, p in enumerate(pts) if p["l0"] >= l0), len(pts) - 1)
-    a, b = pts[max(0, hi - 1)], pts[max(1, hi)]
-    t = (math.log(l0) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
+    a, b = pts[max(0, hi - 1)], pts[min(len(pts) - 1, max(1, hi))]
+    span = math.log(b["l0"]) - math.log(a["l0"])
+    t = (math.log(l0) - math.log(a["l0"])) / span if span > 0 else 0.0
     nearest = min(pts, key=lambda p: abs(math.log(p["l0"] / l0)))
     return {
         "fvu": a["fvu"] + t * (b["fvu"] - a["fvu"]),
@@ -199,9 +232,9 @@ def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any,
         path, rate = train_saelens(arch, knob, d, lr, args, data, folder)
         runs[setting] = (lr, {"tokens_per_s": round(rate), **score(path, x_eval)})
     penalty = sae_class(arch).knob != "k"
-    if penalty:  # our coefficient for the same loss, and one either side of it
+    if penalty:  # our coefficient for the same loss, and a wide bracket around it
         alpha = knob * args.d_sae / d
-        paths, _ = train_ours(arch, [alpha / 2, alpha, alpha * 2], d, args, data, folder, steps)
+        paths, _ = train_ours(arch, [alpha * f for f in BRACKET], d, args, data, folder, steps)
         _, rate = train_ours(arch, [alpha], d, args, data, folder / "timing", args.timing_steps)
         points = [score(p, x_eval) for p in paths]
     else:
@@ -233,6 +266,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=RunConfig().lr, help="our learning rate (run.py's default)")
     p.add_argument("--timing_steps", type=int, default=60, help="relu: steps of the single-SAE timing run")
     p.add_argument("--model_name", default="checkpoints/tiny", help="a nanoGPT checkpoint folder (else toy data)")
+    p.add_argument("--dataset_name", default=CacheConfig().dataset_name, help="the text the activations come from")
+    p.add_argument("--max_length", type=int, default=CacheConfig().max_length, help="tokens per context row")
+    p.add_argument("--chunk_tokens", type=int, default=131_072, help="tokens per stored chunk (one is held out)")
+    p.add_argument("--activations_dir", default="", help="where the store goes (default: under data/activations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="where the SAE folders go (default: a temporary folder)")
     a = p.parse_args()
