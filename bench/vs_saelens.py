@@ -210,8 +210,8 @@ def interpolate_at_l0(points: list[dict[str, float]], l0: float) -> dict[str, An
             "reason": f"SAELens' L0 {l0:.3g} is outside our runs' L0 range "
             + (f"[{pts[0]['l0']:.3g}, {pts[-1]['l0']:.3g}]" if pts else "(none fired)"),
         }
-    hi = next((i for i, p in enumerate(pts) if p["l0"] >= l0), len(pts) - 1)
-    a, b = pts[max(0, hi - 1)], pts[min(len(pts) - 1, max(1, hi))]
+    hi = next(i for i, p in enumerate(pts) if p["l0"] >= l0)  # l0 is in range, so some run reaches it
+    a, b = pts[max(0, hi - 1)], pts[hi]
     span = math.log(b["l0"]) - math.log(a["l0"])
     t = (math.log(l0) - math.log(a["l0"])) / span if span > 0 else 0.0
     nearest = min(pts, key=lambda p: abs(math.log(p["l0"] / l0)))

@@ -65,12 +65,13 @@ at::Tensor jumprelu_forward(const at::Tensor& pre, const at::Tensor& theta, at::
     scalar_t* c = codes.data_ptr<scalar_t>();
     int64_t* n = fires.data_ptr<int64_t>();
     for_latent_blocks(M, F, [&](int64_t m, int64_t j0, int64_t j1) {
+      const int64_t l = m * F + j0;
       int32_t count[kBlock] = {};
       for (int64_t b = 0; b < B; ++b) {
         const int64_t row = (m * B + b) * F + j0;
-        jumprelu_forward_row(p + row, th + m * F + j0, c + row, count, j1 - j0);
+        jumprelu_forward_row(p + row, th + l, c + row, count, j1 - j0);
       }
-      for (int64_t j = j0; j < j1; ++j) n[m * F + j] = count[j - j0];
+      for (int64_t j = 0; j < j1 - j0; ++j) n[l + j] = count[j];
     });
   });
   return fires;
@@ -108,15 +109,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jumprelu_backward(const at::Tenso
     scalar_t *wg = window_g.data_ptr<scalar_t>(), *wn = window_n.data_ptr<scalar_t>(), *gs = g_sum.data_ptr<scalar_t>();
     const scalar_t hw = static_cast<scalar_t>(half_width);
     for_latent_blocks(M, F, [&](int64_t m, int64_t j0, int64_t j1) {
+      const int64_t l = m * F + j0;
       scalar_t acc_wg[kBlock] = {}, acc_gs[kBlock] = {};
       int32_t acc_wn[kBlock] = {};
       for (int64_t b = 0; b < B; ++b) {
         const int64_t row = (m * B + b) * F + j0;
-        jumprelu_backward_row(p + row, th + m * F + j0, gp + row, acc_wg, acc_wn, acc_gs, hw, j1 - j0);
+        jumprelu_backward_row(p + row, th + l, gp + row, acc_wg, acc_wn, acc_gs, hw, j1 - j0);
       }
-      for (int64_t j = j0; j < j1; ++j) {
-        wg[m * F + j] = acc_wg[j - j0], wn[m * F + j] = acc_wn[j - j0], gs[m * F + j] = acc_gs[j - j0];
-      }
+      for (int64_t j = 0; j < j1 - j0; ++j) wg[l + j] = acc_wg[j], wn[l + j] = acc_wn[j], gs[l + j] = acc_gs[j];
     });
   });
   return {window_g, window_n, g_sum};

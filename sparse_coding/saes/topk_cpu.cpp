@@ -261,9 +261,9 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
 // torch.topk over the flattened slab (131 072 of 33.5 M entries at batch 4096, d_sae 8192, k 32) took ~1 s here.
 // Instead: a strided sample gives a key t that about 1.15·n entries reach (more for a small sample); one parallel
 // pass keeps every entry whose key is ≥ t, per chunk of rows and so in index order; the exact n-th largest is then
-// chosen among those few. Should fewer than n reach t (a misleading sample), the pass is redone keeping everything. Ranks go by
-// order key: larger value first, a (positive) NaN above +inf as in torch.topk; ties at the boundary go to the
-// lower index, so the result is deterministic.
+// chosen among those few. Should fewer than n reach t (a misleading sample), the pass is redone keeping everything.
+// Ranks go by order key: larger value first, a (positive) NaN above +inf as in torch.topk; ties at the boundary go
+// to the lower index, so the result is deterministic.
 
 template <typename scalar_t>
 struct Entry {
@@ -287,7 +287,8 @@ void collect_at_least(const scalar_t* slab, const scalar_t* bias, int64_t r0, in
 }
 
 #if defined(__GNUC__)
-// On x86-64 GCC also builds AVX2 and AVX-512 versions and picks one at load time.
+// 16-lane GCC/Clang vector types for collect_at_least below, which compile to whatever SIMD the target has; on
+// x86-64 GCC also builds AVX2 and AVX-512 versions and picks one at load time.
 #if defined(__x86_64__) && !defined(__clang__)
 #define SC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
