@@ -98,6 +98,8 @@ def step_seconds(
         out = sae.train_forward(x, stats=False)
         out.loss.sum().backward()
         sae.constrain_grads()
+        if sae.grad_clip > 0:  # the architecture's default clipping, as the Trainer applies it
+            sae.clip_grads(sae.grad_clip)
         opt.step()
         sae.constrain_weights()
         opt.zero_grad(set_to_none=True)

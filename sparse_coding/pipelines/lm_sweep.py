@@ -122,7 +122,9 @@ def make_trainer(run: Run, stacks: list[SAE], sweep: Sweep) -> tuple[Trainer, An
         raise ConfigError("--resample_every needs --parallel models (each rank would resample from its own inputs)")
     sync = (lambda ts: average_tensors(ts, info)) if data_parallel else None
     schedule = Schedule.from_config(cfg)
-    trainer = Trainer(stacks, lr=cfg.lr, sync=sync, init_b_dec=not cfg.load_autoencoders, schedule=schedule)
+    trainer = Trainer(
+        stacks, lr=cfg.lr, sync=sync, init_b_dec=not cfg.load_autoencoders, schedule=schedule, grad_clip=cfg.grad_clip
+    )
     train_ids = list(range(sweep.n_chunks - cfg.n_eval_chunks))
     source: Any = ChunkSource(sweep.data, train_ids, cfg.seed, run.device, cfg.mix_chunks)
     return trainer, RankSlice(source, info) if data_parallel else source

@@ -194,7 +194,7 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
 
     stacks = build_stacks(cfg, cfg.activation_dim, device)
     log = TrainLog(out_dir / LOG_FILE, stacks)
-    trainer = Trainer(stacks, lr=cfg.lr, schedule=Schedule.from_config(cfg))
+    trainer = Trainer(stacks, lr=cfg.lr, schedule=Schedule.from_config(cfg), grad_clip=cfg.grad_clip)
     train(trainer, ToySource(gen), cfg, out_dir / "checkpoint", fingerprint, log, progress)
     runs = score_against_truth(cfg, gen, trainer.export_stacks(), out_dir, progress)
     results = {"config": asdict(cfg), "runs": runs}

@@ -68,6 +68,8 @@ class SAE(nn.Module, ABC):
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True
+    # Largest gradient norm of each SAE per step, where --grad_clip leaves it to the architecture (0: none).
+    grad_clip: ClassVar[float] = 0.0
 
     def __init__(
         self,
@@ -149,6 +151,10 @@ class SAE(nn.Module, ABC):
         """Gives the encoder rows actually used, [M, d_sae, d_in] (tied SAEs override this)."""
         return self.W_enc
 
+    def encoder_bias(self) -> Tensor:
+        """Gives the encoder bias actually used, [M, d_sae]."""
+        return self.b_enc
+
     @torch.no_grad()
     def constrain_grads(self) -> None:
         """Removes from W_dec's gradient its component along each (unit) row; call before the optimizer step."""
@@ -156,6 +162,18 @@ class SAE(nn.Module, ABC):
         if g is not None and not self.free_decoder:
             radial = torch.einsum("mfd,mfd->mf", g, self.W_dec)
             g.addcmul_(self.W_dec, radial.unsqueeze(-1), value=-1.0)
+
+    @torch.no_grad()
+    def clip_grads(self, max_norm: float) -> None:
+        """Scales each model's gradients (all its parameters together) down to norm max_norm where above it. Per
+        model, so an SAE trains the same whichever others share its stack."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        sq = sum(torch.linalg.vector_norm(g.reshape(self.n_models, -1), dim=1).pow(2) for g in grads)
+        factor = (max_norm / sq.sqrt().clamp_min(1e-30)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
 
     @torch.no_grad()
     def constrain_weights(self) -> None:
@@ -171,7 +189,7 @@ class SAE(nn.Module, ABC):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Gives the encoder pre-activations, [M, B, d_sae]."""
-        return self.precision.baddbmm(self.b_enc[:, None, :], self.center(x), self.encoder().mT)
+        return self.precision.baddbmm(self.encoder_bias()[:, None, :], self.center(x), self.encoder().mT)
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
@@ -298,7 +316,7 @@ class SAE(nn.Module, ABC):
         """Gives model m's effective weights in the SAELens layout (W_enc [d_in, d_sae], W_dec [d_sae, d_in])."""
         tensors = {
             "W_enc": self.encoder()[m].T.contiguous(),
-            "b_enc": self.b_enc[m].clone(),
+            "b_enc": self.encoder_bias()[m].clone(),
             "W_dec": self.decoder()[m].contiguous().clone(),
             "b_dec": self.b_dec[m].clone(),
         }

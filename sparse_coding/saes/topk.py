@@ -2,6 +2,13 @@
 Loss = FVU + auxk_alpha · AuxK, where AuxK asks the latents that have been dead for `dead_tokens_threshold`
 tokens to reconstruct the residual. The encoder starts as the decoder's transpose.
 
+With a free decoder (`decoder_init_norm` > 0; SAELens' default, 0.1, with `rescale_acts_by_decoder_norm`) the
+rows start at that norm and train unconstrained, and the SAE computes as if they were unit rows: each latent's
+pre-activation is multiplied by its row's norm (which the selection then ranks) and decoded through the
+normalized row, so a code times its unit row is what the latent adds. Small rows make Adam's fixed-size steps
+turn them faster, which is what this option is for; `encoder()`/`encoder_bias()`/`decoder()` give that effective
+unit-row SAE, so export (and SAELens) sees a plain one.
+
 The hot path never forms a dense [B, d_sae] gradient (saes/sparse.py): a step costs one dense matmul (the
 encoder forward), the top-k selection and O(B·k·d_in) work. BatchTopK and Matryoshka subclass this class and
 change only the selection and the reconstruction term.
@@ -27,8 +34,13 @@ class TopKSAE(SAE):
     architecture = "topk"
     saelens_architecture = "topk"
     knob = "k"
-    options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias")
+    options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias", "decoder_init_norm")
     lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
+    # FVU's gradient norm falls ~50x over the first ~50 steps (0.64 -> 0.012 on the tiny model's MLP). Unclipped,
+    # those first gradients dominate Adam's second moment (β2 0.999 remembers ~1000 steps) and shrink every later
+    # step: at 2 M tokens that cost 10 % FVU (0.0498 vs 0.0440 clipped at 1/16, bench/vs_saelens.py batchtopk at
+    # lr 2e-3). SAELens clips at 1.0 on its loss, whose scale is the activations'; FVU's gradient has no such scale.
+    grad_clip = 0.05
 
     def __init__(
         self,
@@ -38,13 +50,14 @@ class TopKSAE(SAE):
         auxk_alpha: float = 1 / 32,
         dead_tokens_threshold: int = 10_000_000,
         decoder_bias: bool = True,
+        decoder_init_norm: float = 0.0,
         d_out: int | None = None,
         skip: bool = False,
     ):
         ks = [int(h["k"]) for h in hparams]
         if not all(0 < k <= d_sae for k in ks):
             raise ValueError(f"every k must be in 1..d_sae={d_sae}, got {ks}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias, d_out=d_out, skip=skip)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
         self.ks, self.k_max = ks, max(ks)
         self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
         self.register_buffer("k", torch.tensor(ks))
@@ -58,8 +71,6 @@ class TopKSAE(SAE):
 
     @classmethod
     def check_sweep(cls, cfg: SweepConfig, dict_sizes: list[int]) -> None:
-        if cfg.decoder_init_norm > 0:
-            raise ConfigError(f"{cls.architecture} keeps unit-norm decoder rows; --decoder_init_norm must be 0")
         if max(cfg.k_values) > min(dict_sizes):
             raise ConfigError(f"k={max(cfg.k_values)} is larger than the smallest dictionary ({min(dict_sizes)})")
 
@@ -72,6 +83,16 @@ class TopKSAE(SAE):
     @classmethod
     def hparams_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg["k"])}
+
+    # --- a free decoder computes as its unit rows (module docstring) ---------------------------------------
+    def decoder(self) -> Tensor:
+        return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True) if self.free_decoder else self.W_dec
+
+    def encoder(self) -> Tensor:
+        return self.W_enc * self.W_dec.norm(dim=-1, keepdim=True) if self.free_decoder else self.W_enc
+
+    def encoder_bias(self) -> Tensor:
+        return self.b_enc * self.W_dec.norm(dim=-1) if self.free_decoder else self.b_enc
 
     def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """pre (+ bias [M, d_sae], if given): [M, B, d_sae] → (values, indices) [M, B, k_max]; values ReLU'd,
@@ -124,7 +145,7 @@ class TopKSAE(SAE):
         n_dead = dead.sum(-1)
         k_aux = min(self.d_out // 2, int(n_dead.max()))
         vals, idx, aux_vals, aux_idx = SparseEncode.apply(
-            x, self.W_enc, self.b_enc, self.b_dec, self, dead if k_aux > 0 else None, k_aux
+            x, self.encoder(), self.encoder_bias(), self.b_dec, self, dead if k_aux > 0 else None, k_aux
         )
         total_variance = (target - target.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
         # A skip transcoder's latents reconstruct what its linear path leaves: error = decode + skip - target.

@@ -40,7 +40,7 @@ class SweepConfig(Config):
     decoder_init_norm: float = option(
         0.0,
         "0: decoder rows kept at unit norm; > 0: rows start at this norm and train freely, each latent's sparsity "
-        "penalty weighted by its row's norm (relu, gated, jumprelu; 0.1 is SAELens' default)",
+        "penalty (relu, gated, jumprelu) or code (TopK family) weighted by its row's norm; 0.1 is SAELens' default",
         ge=0,
     )
     auxk_alpha: float = option(1 / 32, "topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents", ge=0)
@@ -54,6 +54,12 @@ class SweepConfig(Config):
     jumprelu_init_threshold: float = option(0.01, "jumprelu: every latent's threshold at the start", ge=0)
     jumprelu_pre_act_coef: float = option(0.0, "jumprelu: weight of the pre-act loss on dead latents (0: off)", ge=0)
     lr: float = option(1e-3, "Adam learning rate", gt=0)
+    grad_clip: float | None = option(
+        None,
+        "largest gradient norm of each SAE per step (0: none; default: 0.05 for the TopK family, whose loss is FVU, "
+        "none for the others)",
+        ge=0,
+    )
     lr_warmup_steps: int = option(0, "steps over which the learning rate rises linearly to lr", ge=0)
     lr_decay_steps: int = option(0, "the last steps, over which the learning rate falls to lr_end (0: none)", ge=0)
     lr_decay: str = option("linear", "shape of the learning rate's fall", choices=LR_DECAYS)

@@ -67,11 +67,14 @@ class Trainer:
         sync: Callable[[list[Tensor]], None] | None = None,
         init_b_dec: bool = True,
         schedule: Schedule | None = None,
+        grad_clip: float | None = None,
     ):
         """sync, when given, averages tensors in place across data-parallel processes (b_dec's data-mean start,
         the input scale, then every step's gradients). init_b_dec=False keeps b_dec as loaded (continuing
-        saved SAEs). Without a schedule the learning rate stays lr and the sparsity coefficients whole."""
+        saved SAEs). Without a schedule the learning rate stays lr and the sparsity coefficients whole. grad_clip:
+        the largest gradient norm of each SAE per step (0: none; None: its architecture's `grad_clip`)."""
         self.stacks, self.sync, self.init_b_dec = stacks, sync, init_b_dec
+        self.grad_clips = [s.grad_clip if grad_clip is None else grad_clip for s in stacks]
         self.schedule = schedule or Schedule(n_steps=1, lr=lr)
         self.params = [p for s in stacks for p in s.parameters()]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
@@ -98,8 +101,10 @@ class Trainer:
             logs.append({"loss": out.loss.detach(), **out.parts} if stats else {})
         if self.sync is not None:
             self.sync([p.grad for p in self.params if p.grad is not None])
-        for s in self.stacks:
+        for s, clip in zip(self.stacks, self.grad_clips, strict=True):
             s.constrain_grads()
+            if clip > 0:
+                s.clip_grads(clip)
         self.opt.step()
         for s in self.stacks:
             s.constrain_weights()

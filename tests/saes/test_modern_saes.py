@@ -99,6 +99,43 @@ def test_batchtopk_fast_path_matches_dense_autograd(float64, path, bias, ks, f, 
     _fast_and_dense(sae, x, reference, train_dtype)
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_free_topk_decoder_fast_path_matches_dense_autograd(float64, path, arch, train_dtype):
+    """A free decoder (rows of any norm): the reference ranks pre-activations times row norms and decodes through
+    the normalised rows, written out from the raw parameters (SAELens' rescale_acts_by_decoder_norm)."""
+    d, f, B, ks = 6, 12, 9, [2, 4]
+    x = torch.randn(B, d)
+    sae = build_sae(arch, d, f, [{"k": k} for k in ks], decoder_init_norm=0.1, dead_tokens_threshold=10**6)
+    _perturb(sae, True)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(2, f, 1) * 10 + 0.5)
+    _dead_some(sae)
+
+    def reference(sae, x):
+        norms = sae.W_dec.norm(dim=-1)
+        # (the precision's matmul: in bf16/fp16 runs its inputs are rounded, as the fast path's are)
+        W, b = sae.W_enc * norms[..., None], sae.b_enc * norms
+        pre = sae.precision.baddbmm(b[:, None], x - sae.b_dec[:, None], W.mT)
+        if arch == "topk":
+            v, i = pre.topk(max(ks), dim=-1)
+            v = v.relu() * (torch.arange(max(ks)) < torch.tensor(ks)[:, None, None])
+            codes = torch.zeros_like(pre).scatter(-1, i, v)
+        else:
+            codes = _dense_batch_topk(pre, ks)
+        unit = sae.W_dec / norms[..., None]
+        x_hat = codes @ unit + sae.b_dec[:, None]
+        total_var = (x - x.mean(0)).pow(2).sum()
+        dead = sae.tokens_since_fired >= sae.dead_tokens_threshold
+        k_aux = min(d // 2, int(dead.sum(-1).max()))
+        av, ai = pre.masked_fill(~dead[:, None, :], float("-inf")).topk(k_aux, dim=-1)
+        e_hat = torch.zeros_like(pre).scatter(-1, ai, av.relu()) @ unit
+        auxk = (e_hat - (x - x_hat).detach()).pow(2).sum((1, 2)) / total_var
+        scale = (dead.sum(-1).double() / (d // 2)).clamp(max=1)
+        return (x_hat - x).pow(2).sum((1, 2)) / total_var + sae.auxk_alpha * scale * auxk
+
+    _fast_and_dense(sae, x, reference, train_dtype)
+
+
 def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_kept_value(float64):
     sae = build_sae("batchtopk", 4, 16, [{"k": 2}, {"k": 5}])
     x = torch.randn(10, 4)

@@ -19,6 +19,8 @@ def _trained_like(arch, hp, **opts):
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
         sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc)) if "W_enc" in dict(sae.named_parameters()) else None
+        if sae.free_decoder:  # rows of different norms, as training leaves them
+            sae.W_dec.mul_(torch.rand(*sae.W_dec.shape[:2], 1) * 10 + 0.5)
         for name in ("threshold", "r_mag", "b_mag"):  # the architectures' own parameters and buffers
             if hasattr(sae, name):
                 getattr(sae, name).uniform_(0.0, 0.1)
@@ -32,7 +34,9 @@ def _trained_like(arch, hp, **opts):
         ("relu", {"l1_alpha": 0.5}, {"tied": True}),
         ("relu", {"l1_alpha": 0.5}, {"decoder_bias": False}),
         ("topk", {"k": 4}, {}),
+        ("topk", {"k": 4}, {"decoder_init_norm": 0.1}),
         ("batchtopk", {"k": 4}, {}),
+        ("batchtopk", {"k": 4}, {"decoder_init_norm": 0.1}),
         ("matryoshka", {"k": 4}, {"matryoshka_widths": [6, 12]}),
         ("jumprelu", {"l0_coef": 0.5}, {}),
         ("jumprelu", {"l0_coef": 0.5}, {"decoder_init_norm": 0.1}),
@@ -103,3 +107,29 @@ def test_our_folder_is_the_one_saelens_writes(tmp_path, arch):
 def test_loading_a_folder_that_is_not_an_sae_says_so(tmp_path):
     with pytest.raises(SAEFolderError, match="not an SAE folder"):
         load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_free_topk_decoder_trains_as_saelens_rescaled_one(arch):
+    """With a free decoder our TopK family is SAELens' `rescale_acts_by_decoder_norm`: the same raw parameters give
+    SAELens' training codes and reconstruction (each latent ranked and decoded as if its row had unit norm)."""
+    module, name, fields = SAELENS_TRAINING[arch]
+    mod = importlib.import_module(f"sae_lens.saes.{module}")
+    cfg = getattr(mod, name + "Config")(d_in=8, d_sae=24, rescale_acts_by_decoder_norm=True, **fields)
+    theirs = getattr(mod, name)(cfg)
+    ours = _trained_like(arch, {"k": 4}, decoder_init_norm=0.1)
+    with torch.no_grad():
+        for n in ("b_enc", "W_dec", "b_dec"):
+            getattr(theirs, n).copy_(getattr(ours, n)[0])
+        theirs.W_enc.copy_(ours.W_enc[0].T)
+        x = torch.randn(32, 8)
+        codes, _ = theirs.encode_with_hidden_pre(x)
+        if arch == "topk":
+            mine = ours.encode(x)
+        else:  # the training selection, over the batch (encode uses the inference threshold)
+            vals, idx = ours.select(ours.pre_acts(x))
+            mine = torch.zeros(2, 32 * 24).scatter_(-1, idx, vals).view(2, 32, 24)
+        assert torch.allclose(mine[0], codes, atol=1e-5)
+        assert torch.allclose(ours.decode(mine)[0], theirs.decode(codes), atol=1e-5)
+        norms = ours.W_dec.norm(dim=-1)
+        assert norms.max() > 3 * norms.min()  # rows of different norms: the rescale mattered

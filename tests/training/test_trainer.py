@@ -13,8 +13,9 @@ from sparse_coding.training.schedule import Schedule
 from sparse_coding.training.trainer import Trainer, build_stacks, train
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1e-3])  # each architecture's default; every step clipped
 @pytest.mark.parametrize("arch", sorted(SAES))
-def test_stacked_models_train_like_separate_ones(arch):
+def test_stacked_models_train_like_separate_ones(arch, grad_clip):
     d, f = 8, 16
     grid = [{SAES[arch].knob: v} for v in ((2, 3, 5) if SAES[arch].knob == "k" else (0.01, 1.0, 10.0))]
     stack = build_sae(arch, d, f, grid)
@@ -23,7 +24,7 @@ def test_stacked_models_train_like_separate_ones(arch):
         with torch.no_grad():
             for name, p in single.named_parameters():
                 p.copy_(getattr(stack, name)[m : m + 1])
-    trainers = [Trainer([stack], lr=1e-2)] + [Trainer([s], lr=1e-2) for s in singles]
+    trainers = [Trainer([s], lr=1e-2, grad_clip=grad_clip) for s in [stack, *singles]]
     for _ in range(15):
         x = torch.randn(32, d)
         for t in trainers:
@@ -94,3 +95,19 @@ def test_continuing_saved_saes_keeps_their_decoder_bias():
     assert torch.allclose(stack.b_dec, torch.full_like(stack.b_dec, 5.0))
     Trainer([stack], lr=1e-9).step(torch.zeros(16, 4))  # a fresh sweep starts b_dec at the data mean
     assert torch.allclose(stack.b_dec, torch.zeros_like(stack.b_dec), atol=1e-6)
+
+
+def test_clipping_scales_each_models_gradient_to_the_bound():
+    """Each model's gradients (all its parameters together) come down to norm max_norm where above it, whatever
+    the other models' are."""
+    sae = build_sae("topk", 4, 6, [{"k": 2}, {"k": 2}])
+    grads = {n: torch.randn_like(p) for n, p in sae.named_parameters()}
+    grads = {n: torch.stack([g[0] * 100, g[1] * 1e-3]) for n, g in grads.items()}  # model 0 far above, 1 below
+    for n, p in sae.named_parameters():
+        p.grad = grads[n].clone()
+    norms = torch.stack([torch.cat([g[m].flatten() for g in grads.values()]).norm() for m in range(2)])
+    assert norms[0] > 1 > norms[1]
+    sae.clip_grads(1.0)
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad[0], grads[n][0] / norms[0])
+        torch.testing.assert_close(p.grad[1], grads[n][1])
