@@ -16,6 +16,8 @@ pytest.importorskip("sae_lens")
 
 
 def test_the_bench_prints_a_scored_pair_per_saelens_setting(tmp_path):
+    """One JSON line per pair; then a second run, given the first's output, takes SAELens' side from it instead of
+    training it again."""
     model, corpus = make_hf_gpt2(tmp_path / "gpt2"), write_corpus(tmp_path / "corpus", n_docs=1500)
     cmd = [sys.executable, str(ROOT / "bench" / "vs_saelens.py"), "--archs", "topk", "relu",
            "--model_name", str(model), "--dataset_name", str(corpus), "--activations_dir", str(tmp_path / "acts"),
@@ -41,3 +43,12 @@ def test_the_bench_prints_a_scored_pair_per_saelens_setting(tmp_path):
             assert (r["ours"]["interpolated"] and lo <= r["ours"]["l0"] <= hi) or (
                 r["ours"]["fvu"] is None and "outside" in r["ours"]["reason"]
             )
+
+    (tmp_path / "first.jsonl").write_text(out.stdout)
+    again = subprocess.run(cmd[:3] + ["topk"] + cmd[5:] + ["--reuse_saelens", str(tmp_path / "first.jsonl")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    reused = [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")]
+    assert [r["saelens"] for r in reused] == [r["saelens"] for r in rows[:2]]
+    assert [r["ours"]["fvu"] for r in reused] == [r["ours"]["fvu"] for r in rows[:2]]  # ours trained the same
+    assert "Training SAE" not in again.stderr  # SAELens' trainer's progress bar
