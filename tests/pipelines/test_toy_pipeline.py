@@ -135,7 +135,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
         (["--dict_ratio_exp_low", "-9"], "every size must be"),
         (["--arch", "topk", "--k_values", "100"], "larger than the smallest dictionary"),
         (["--arch", "nope"], "unknown architecture"),
-        (["--arch", "topk", "--decoder_init_norm", "0.1"], "keeps unit-norm decoder rows"),
+        (["--arch", "topk", "--grad_clip", "-1"], "grad_clip must be ≥ 0"),
         (["--arch", "gated", "--resample_every", "10"], "only relu SAEs resample"),
         (["--arch", "matryoshka", "--matryoshka_widths", "8", "4"], "strictly increasing"),
         (["--lr_warmup_steps", "50", "--lr_decay_steps", "20"], "must not exceed n_steps"),
