@@ -14,9 +14,10 @@ shuffle keeps each pair together and every batch source stays a single tensor.
 Decoder rows are kept at unit norm in parameter space: before each optimizer step the gradient's component
 along each row is removed, after it each row is rescaled to norm 1. At unit norm that projected gradient is
 exactly the gradient of normalizing in the forward pass (the original research code's way), without the
-extra [d_sae, d_in] tensors per step that forward normalization allocates. Architectures with a sparsity penalty
-also offer a free decoder (`decoder_init_norm` > 0: rows start at that norm and are not constrained, Anthropic's
-April 2024 recipe and SAELens' default), where the penalty weighs each latent by its decoder row's norm.
+extra [d_sae, d_in] tensors per step that forward normalization allocates. Every architecture but tied relu also
+offers a free decoder (`decoder_init_norm` > 0: rows start at that norm and are not constrained, Anthropic's April
+2024 recipe and SAELens' default): a sparsity penalty weighs each latent by its decoder row's norm; the TopK family
+scales each code by it (saes/topk.py).
 """
 
 from __future__ import annotations
