@@ -12,8 +12,9 @@ rate, batches included, measured in this process.
 relu has no k to fix L0, so ours is trained at l1 values bracketing SAELens' l1_coefficient (mapped by
 l1_alpha = l1_coefficient · d_sae / d_in, which makes the two losses agree for unit decoder norms; BRACKET below) and
 our FVU is interpolated, in log L0, at each SAELens run's L0 ("l0" then is that L0, "interpolated": true; outside our
-runs' L0 range fvu is null, with the reason); our tokens_per_s is then one of those SAEs trained alone for
---timing_steps steps.
+runs' L0 range fvu is null, with the reason); our tokens_per_s is then one SAE, at the mapped coefficient, trained
+alone on the same tokens (a relu step is dense until training makes the codes sparse, so a shorter timing run
+would understate the rate).
 
 Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr",
 "ours": {"tokens_per_s", "fvu", "l0", "dead"}, "saelens": {same keys}}.
@@ -251,7 +252,7 @@ def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any,
     if penalty:  # our coefficient for the same loss, and a wide bracket around it
         alpha = knob * args.d_sae / d
         paths, _ = train_ours(arch, [alpha * f for f in BRACKET], d, args, data, folder, steps)
-        _, rate = train_ours(arch, [alpha], d, args, data, folder / "timing", args.timing_steps)
+        _, rate = train_ours(arch, [alpha], d, args, data, folder / "timing", args.timing_steps or steps)
         points = [score(p, x_eval) for p in paths]
     else:
         paths, rate = train_ours(arch, [knob], d, args, data, folder, steps)
@@ -282,7 +283,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--lr", type=float, default=RunConfig().lr, help="our learning rate (run.py's default)")
-    p.add_argument("--timing_steps", type=int, default=60, help="relu: steps of the single-SAE timing run")
+    p.add_argument(
+        "--timing_steps", type=int, default=0, help="penalty architectures: steps of the single-SAE timing run (0: all)"
+    )
     p.add_argument("--model_name", default="checkpoints/tiny", help="a nanoGPT checkpoint folder (else toy data)")
     p.add_argument("--dataset_name", default=CacheConfig().dataset_name, help="the text the activations come from")
     p.add_argument("--max_length", type=int, default=CacheConfig().max_length, help="tokens per context row")

@@ -6,6 +6,9 @@ loss = MSE + l1_alpha · L1(codes). With a free decoder (`decoder_init_norm` > 0
 that norm, the encoder as their transpose, and L1 weighs each code by its decoder row's norm (Anthropic's April
 2024 update; SAELens' standard SAE).
 
+Once the codes are sparse (`sparse_below`), a step runs as the TopK family's does (saes/sparse.py): one dense
+matmul for the encoder, then work over the positive codes only; before that, the dense step below. Both are exact.
+
 Dead-latent resampling (`--resample_every`, Bricken et al. 2023, "Towards monosemanticity"): at every multiple
 of resample_every steps, each latent that fired on none of the last `--resample_window` steps' tokens is
 re-initialised towards an input the SAE reconstructs badly (drawn with probability ∝ its squared loss): decoder
@@ -15,7 +18,7 @@ encoder rows; bias 0. The trainer then resets those rows' Adam moments.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
 from sparse_coding.saes.precision import Precision
+from sparse_coding.saes.sparse import SparseEncode, sparse_decode, split_flat
 
 L1_NORMS = ("dict_size", "none")
 
@@ -35,6 +39,11 @@ class ReluSAE(PenaltySAE):
     tag_prefix = "l1"
     can_resample = True
     options = ("tied", "l1_norm", "decoder_init_norm", "decoder_bias")
+    # Below this fraction of positive codes a step runs sparse: the encoder's matmul, then O(entries · d_in) work
+    # over the positive codes (saes/sparse.py) instead of four more dense matmuls. Measured here (d_in 512,
+    # d_sae 4096, batch 4096, one SAE): dense 0.70-0.76 s a step; sparse 0.41 s at L0 152 (3.7 %), 1.03 s at L0 598
+    # (14.6 %), so they cross near 9 %. Training brings L0 below it within ~20 steps at any useful L1.
+    sparse_below: ClassVar[float] = 0.08
 
     def __init__(
         self,
@@ -85,17 +94,22 @@ class ReluSAE(PenaltySAE):
 
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         weights = self.decoder_norms() if self.free_decoder else None  # L1 weighted by decoder norms
-        x_hat, l1, codes = _ReluSAEStep.apply(
-            x,
-            self.encoder(),
-            self.b_enc,
-            self.decoder(),
-            self.b_dec,
-            weights,
-            self.centers_input,
-            self._cache,
-            self.precision,
-        )
+        M, B = self.n_models, x.shape[0]
+        with torch.no_grad():  # the codes first (their gradients come from the step below), to choose its path
+            xc = self.center(x)
+            codes = self._cache.get("codes", (M, B, self.d_sae), self.b_enc)
+            self.precision.baddbmm(self.b_enc[:, None, :], xc, self.encoder().mT, out=codes)
+            codes.relu_()
+        if self.runs_sparse(codes):
+            vals, idx, _, _ = SparseEncode.apply(x, self.encoder(), self.b_enc, self.b_dec, self, None, 0, codes)
+            rows, lat = split_flat(idx, self.d_sae)
+            x_hat = sparse_decode(vals, lat, self.decoder(), rows, B) + self.b_dec[:, None, :]
+            l1 = (vals if weights is None else vals * weights.gather(-1, lat)).sum(-1) / B
+        else:
+            x_hat, l1 = _ReluSAEStep.apply(
+                xc, codes, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights,
+                self.centers_input, self._cache, self.precision,
+            )  # fmt: skip
         if self.skip:
             x_hat = x_hat + self.skip_term(x)
         mse = (x_hat - (x if target is None else target)).pow(2).mean(dim=(1, 2))
@@ -108,6 +122,30 @@ class ReluSAE(PenaltySAE):
         with torch.no_grad():
             l0 = torch.count_nonzero(codes, dim=-1).float().mean(-1)
         return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "l0": l0})
+
+    def runs_sparse(self, codes: Tensor) -> bool:
+        """Whether a step with these codes [M, B, d_sae] takes the sparse path: fp32 only (its decoder, an
+        embedding-bag, has no low-precision form) and codes sparse enough, judged on every 64th token. Either path
+        is exact; this choice is a function of the codes alone, so a resumed run chooses as the killed one did."""
+        if self.precision.low is not None:
+            return False
+        sample = codes[:, :: max(1, codes.shape[1] // 64)]
+        return int(torch.count_nonzero(sample)) < self.sparse_below * sample.numel()
+
+    def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """codes [M, B, d_sae] (ReLU'd; no bias) → their positive entries (values, flat indices) [M, N] in
+        saes/sparse.py's flat layout, N the largest count of a model, the others padded with value 0 at index
+        B·d_sae − 1."""
+        M, B, F_ = pre.shape
+        where = torch.nonzero(pre.view(M, B * F_))  # [entries, 2]: (model, flat index), in order
+        counts = torch.bincount(where[:, 0], minlength=M)
+        slot = torch.arange(len(where), device=pre.device) - (counts.cumsum(0) - counts)[where[:, 0]]
+        n = int(counts.max()) if len(where) else 0
+        idx = torch.full((M, n), B * F_ - 1, dtype=torch.long, device=pre.device)
+        vals = pre.new_zeros(M, n)
+        idx[where[:, 0], slot] = where[:, 1]
+        vals[where[:, 0], slot] = pre.view(M, -1)[where[:, 0], where[:, 1]]
+        return vals, idx
 
     @torch.no_grad()
     def resample(self, x: Tensor, window: int, generator: torch.Generator) -> Tensor:
@@ -139,21 +177,20 @@ class ReluSAE(PenaltySAE):
 
 
 class _ReluSAEStep(torch.autograd.Function):
-    """Dense SAE forward and backward with the [M, B, d_sae] tensors in reused buffers and the ReLU, L1 and
-    bias gradients folded into in-place passes; the five matmuls are all that is left of note.
+    """The dense step: decoder forward and the whole backward, with the [M, B, d_sae] tensors in reused buffers and
+    the ReLU, L1 and bias gradients folded into in-place passes; four matmuls are all that is left of note.
 
-    x: [B, d_in] shared by all M models; W_enc: [M, d_sae, d_in], W_dec: [M, d_sae, d_out]; weights: [M, d_sae] or
-    None (each latent's L1 weight, its decoder norm with a free decoder). Returns x_hat [M, B, d_out], l1 [M] (mean
-    over the batch of the summed, weighted codes) and the codes themselves (a buffer, valid until the next call).
+    xc: [M, B, d_in], the (centred) input; codes: [M, B, d_sae] = ReLU(xc W_encᵀ + b_enc), computed by the caller
+    without a graph (a buffer, valid until the next step); this Function gives W_enc, b_enc (and b_dec, through xc)
+    their gradients. W_dec: [M, d_sae, d_out]; weights: [M, d_sae] or None (each latent's L1 weight, its decoder norm
+    with a free decoder). Returns x_hat [M, B, d_out] and l1 [M] (mean over the batch of the summed, weighted codes).
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, weights, center: bool, cache: BufferCache, precision: Precision):  # type: ignore[override]
-        M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if center else x.unsqueeze(0).expand(M, -1, -1)
-        codes = cache.get("codes", (M, B, F_), b_enc)
-        precision.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=codes)
-        codes.relu_()
+    def forward(  # type: ignore[override]
+        ctx, xc, codes, W_enc, b_enc, W_dec, b_dec, weights, center: bool, cache: BufferCache, precision: Precision
+    ):
+        B = xc.shape[1]
         x_hat = precision.baddbmm(b_dec[:, None, :], codes, W_dec)
         if weights is None:
             l1 = codes.sum(dim=(1, 2)) / B  # codes ≥ 0, so the sum is the L1 norm
@@ -164,11 +201,10 @@ class _ReluSAEStep(torch.autograd.Function):
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center, ctx.precision = cache.generation, cache, center, precision
         ctx.save_for_backward(xc, W_enc, W_dec, codes, weights, code_sums)
-        ctx.mark_non_differentiable(codes)
-        return x_hat, l1, codes
+        return x_hat, l1
 
     @staticmethod
-    def backward(ctx, g_xhat, g_l1, _g_codes):  # type: ignore[override]
+    def backward(ctx, g_xhat, g_l1):  # type: ignore[override]
         if ctx.generation != ctx.cache.generation:
             raise RuntimeError("a second training forward ran before this one's backward; its buffers are gone")
         xc, W_enc, W_dec, codes, weights, code_sums = ctx.saved_tensors
@@ -189,4 +225,4 @@ class _ReluSAEStep(torch.autograd.Function):
         g_b_dec = g_xhat.sum(dim=1)
         if ctx.center:  # xc = x - b_dec: its gradient summed over the batch is g_b_enc @ W_enc
             g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_weights, None, None, None
+        return None, None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_weights, None, None, None

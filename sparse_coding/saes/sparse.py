@@ -1,5 +1,6 @@
-"""The sparse training path of the TopK family (topk, batchtopk, matryoshka): the selected codes are kept as
-entries, never as a dense [B, d_sae] tensor, and every gradient touches only them.
+"""The sparse training path of the TopK family (topk, batchtopk, matryoshka), and of relu once its codes are
+sparse: the selected codes are kept as entries, never as a dense [B, d_sae] tensor, and every gradient touches only
+them.
 
 Two layouts of the selected entries (values with their indices), both with a leading model axis:
 - per row, [M, B, K]: K latent indices for each token, as TopK chooses them;
@@ -88,20 +89,24 @@ class SparseEncode(torch.autograd.Function):
     """Encoder forward (one dense matmul into a reused buffer, then `sae.select`; optionally the AuxK top-k over
     dead latents from the same pre-activations) with a backward that touches only the selected entries.
 
-    x: [B, d_in] → vals, idx in either layout (see the module docstring), aux_vals, aux_idx [M, B, k_aux]."""
+    x: [B, d_in] → vals, idx in either layout (see the module docstring), aux_vals, aux_idx [M, B, k_aux].
+    pre: the pre-activations [M, B, d_sae], bias included, where the caller has computed them already (relu chooses
+    its path from them); the encoder forward is then skipped."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, sae: Any, dead: Tensor | None, k_aux: int):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, b_dec, sae: Any, dead: Tensor | None, k_aux: int, pre: Tensor | None = None):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
         xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
-        pre = cache.get("pre", (M, B, F_), b_enc)  # fp32 whatever x's dtype (a bf16 store's, say)
-        # Where the selection adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
-        bias = b_enc if fuses_bias(pre) else None
-        if bias is None:
-            sae.precision.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
-        else:
-            sae.precision.bmm(xc, W_enc.mT, out=pre)
+        bias = None
+        if pre is None:
+            pre = cache.get("pre", (M, B, F_), b_enc)  # fp32 whatever x's dtype (a bf16 store's, say)
+            # Where the selection adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].
+            bias = b_enc if fuses_bias(pre) else None
+            if bias is None:
+                sae.precision.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
+            else:
+                sae.precision.bmm(xc, W_enc.mT, out=pre)
         vals, idx = sae.select(pre, bias)
         if dead is not None:
             aux_vals, aux_idx = top_dead(pre, dead, k_aux, bias)
@@ -134,4 +139,4 @@ class SparseEncode(torch.autograd.Function):
                 rows = torch.cat([rows, aux_rows], dim=-1)
             g_W_enc, g_b_enc = latent_sum(lat, g, xc, F_, rows=rows)
         g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
-        return None, g_W_enc, g_b_enc, g_b_dec, None, None, None
+        return None, g_W_enc, g_b_enc, g_b_dec, None, None, None, None

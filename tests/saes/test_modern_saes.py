@@ -284,7 +284,7 @@ def test_gated_fast_path_matches_dense_autograd(float64, path, bias, free, l1_no
 
 
 @pytest.mark.parametrize("free", [False, True])
-def test_relu_with_a_free_decoder_weights_l1_by_decoder_norms(float64, free, train_dtype):
+def test_relu_with_a_free_decoder_weights_l1_by_decoder_norms(float64, free, train_dtype, relu_step):
     d, f, B = 6, 10, 7
     x = torch.randn(B, d)
     sae = build_sae("relu", d, f, [{"l1_alpha": 0.3}, {"l1_alpha": 2.0}], decoder_init_norm=0.5 if free else 0.0)

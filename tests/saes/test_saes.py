@@ -22,7 +22,7 @@ def _perturb(sae, bias):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("l1_norm", ["dict_size", "none"])
-def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device, train_dtype):
+def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device, train_dtype, relu_step):
     torch.set_default_dtype(torch.float64)
     try:
         d, f, B = 6, 10, 7
@@ -49,6 +49,8 @@ def test_relu_fast_path_matches_dense_autograd(tied, bias, l1_norm, device, trai
         train_dtype.assert_loss(out.loss, ref)
         train_dtype.assert_grads(fast, sae)
         assert out.parts["l0"].tolist() == pytest.approx((codes > 0).sum(-1).double().mean(-1).tolist())
+        assert sae.runs_sparse(codes) == (relu_step == "sparse" and train_dtype.name == "fp32")
+        assert len(set((codes > 0).sum((1, 2)).tolist())) == 2  # the sparse step pads the sparser model's entries
     finally:
         torch.set_default_dtype(torch.float32)
 

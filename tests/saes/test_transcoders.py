@@ -64,3 +64,27 @@ def test_transcoders_save_for_saelens_and_reload(tmp_path, arch, skip):
     loaded = SAELensSAE.load_from_disk(str(folder))
     with torch.no_grad():
         assert torch.allclose(loaded(x), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_relu_transcoder_steps_match_dense_autograd(skip, relu_step):
+    torch.set_default_dtype(torch.float64)
+    try:
+        tc = build_sae("relu", 6, 16, [{"l1_alpha": 0.3}, {"l1_alpha": 2.0}], d_out=5, skip=skip)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        x, target = torch.randn(9, 6), torch.randn(9, 5)
+        out = tc.train_forward(x, target=target)
+        out.loss.sum().backward()
+        fast = {n: p.grad.clone() for n, p in tc.named_parameters()}
+        tc.zero_grad()
+        codes = tc.encode(x)
+        ref = (tc.decode(codes, x) - target).pow(2).mean((1, 2)) + tc.l1_alpha / 16 * codes.sum(-1).mean(-1)
+        ref.sum().backward()
+        assert tc.runs_sparse(codes) == (relu_step == "sparse")
+        assert torch.allclose(out.loss, ref, rtol=1e-10)
+        for n, p in tc.named_parameters():
+            assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+    finally:
+        torch.set_default_dtype(torch.float32)
