@@ -12,9 +12,9 @@ rate, batches included, measured in this process.
 relu has no k to fix L0, so ours is trained at l1 values bracketing SAELens' l1_coefficient (mapped by
 l1_alpha = l1_coefficient · d_sae / d_in, which makes the two losses agree for unit decoder norms; BRACKET below) and
 our FVU is interpolated, in log L0, at each SAELens run's L0 ("l0" then is that L0, "interpolated": true; outside our
-runs' L0 range fvu is null, with the reason); our tokens_per_s is then one SAE, at the mapped coefficient, trained
-alone on the same tokens (a relu step is dense until training makes the codes sparse, so a shorter timing run
-would understate the rate).
+runs' L0 range fvu is null, with the reason); our tokens_per_s is then one SAE trained alone on the same tokens, at
+the bracket's coefficient whose L0 is nearest that SAELens run's (a relu step turns sparse once training has made
+the codes sparse, so both the L0 and the length of the timing run set the rate).
 
 Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr",
 "ours": {"tokens_per_s", "fvu", "l0", "dead"}, "saelens": {same keys}}.
@@ -58,9 +58,10 @@ from utils import tune_allocator  # noqa: E402
 SAELENS_DEFAULT_LR = 3e-4  # SAETrainerConfig's and LanguageModelSAERunnerConfig's default
 # Our penalty coefficients (relu, gated, jumprelu), as multiples of the one whose loss equals SAELens' at unit decoder
 # norms. Equal losses do not give equal L0: SAELens starts its decoder rows at norm 0.1 and weighs the penalty by
-# them, so it trains far less sparse (measured, relu, tiny model, 1 M tokens: SAELens' L0 3.6 at lr 1e-3 and 16.5 at
-# 3e-4, ours 0.07–0.66 for 1/2–2×); the bracket reaches well below.
-BRACKET = [1 / 64, 1 / 16, 1 / 4, 1, 4]
+# them, so it trains less sparse (relu, tiny model, 1 M tokens, l1_coefficient 1: SAELens' L0 111 at lr 3e-4 and
+# 21.6 at 2e-3; ours at lr 2e-3 419 at 1/16x, 54 at 1/4x, 6.3 at 1x). Steps of 2 keep the log-L0 chord that
+# interpolates ours short (FVU is convex in log L0, so a long chord overstates our FVU).
+BRACKET = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1]
 # Our architecture → SAELens' training module and class, and its config fields for our knob's value.
 SAELENS = {
     "topk": ("topk_sae", "TopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
@@ -249,16 +250,26 @@ def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any,
         path, rate = train_saelens(arch, knob, d, lr, args, data, folder)
         runs[setting] = (lr, {"tokens_per_s": round(rate), **score(path, x_eval)})
     penalty = sae_class(arch).knob != "k"
-    if penalty:  # our coefficient for the same loss, and a wide bracket around it
-        alpha = knob * args.d_sae / d
-        paths, _ = train_ours(arch, [alpha * f for f in BRACKET], d, args, data, folder, steps)
-        _, rate = train_ours(arch, [alpha], d, args, data, folder / "timing", args.timing_steps or steps)
+    if penalty:  # our coefficient for the same loss, and a bracket around it
+        coefs = [knob * args.d_sae / d * f for f in BRACKET]
+        paths, _ = train_ours(arch, coefs, d, args, data, folder, steps)
         points = [score(p, x_eval) for p in paths]
+        rates: dict[float, float] = {}  # the timing run per coefficient
     else:
         paths, rate = train_ours(arch, [knob], d, args, data, folder, steps)
         ours = score(paths[0], x_eval)
     for setting, (lr, theirs) in runs.items():
-        mine = interpolate_at_l0(points, theirs["l0"]) if penalty else dict(ours)
+        if penalty:
+            mine = interpolate_at_l0(points, theirs["l0"])
+            # Timed at the bracket's coefficient nearest SAELens' L0: a sparser SAE steps faster once sparse.
+            gap = [abs(math.log(max(pt["l0"], 1e-9) / max(theirs["l0"], 1e-9))) for pt in points]
+            coef = coefs[gap.index(min(gap))]
+            if coef not in rates:
+                timing = folder / f"timing_{coef:g}"
+                rates[coef] = train_ours(arch, [coef], d, args, data, timing, args.timing_steps or steps)[1]
+            rate = rates[coef]
+        else:
+            mine = dict(ours)
         row = {
             "arch": arch,
             "knob": {"l1_coefficient" if penalty else "k": knob},
