@@ -91,15 +91,15 @@ def step_seconds(
     torch.manual_seed(0)
     sae = build_sae(arch, d, f, [{SAES[arch].knob: knob}] * M).to(device)
     sae.precision = Precision(train_dtype)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=sae.adam_eps(), fused=True)
     x = torch.randn(B, d, device=device)
 
     def step() -> None:
         out = sae.train_forward(x, stats=False)
         out.loss.sum().backward()
         sae.constrain_grads()
-        if sae.grad_clip > 0:  # the architecture's default clipping, as the Trainer applies it
-            sae.clip_grads(sae.grad_clip)
+        if sae.default_grad_clip() > 0:  # the architecture's default clipping, as the Trainer applies it
+            sae.clip_grads(sae.default_grad_clip())
         opt.step()
         sae.constrain_weights()
         opt.zero_grad(set_to_none=True)

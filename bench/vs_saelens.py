@@ -16,7 +16,10 @@ runs' L0 range fvu is null, with the reason); our tokens_per_s is then one SAE t
 the bracket's coefficient whose L0 is nearest that SAELens run's (a relu step turns sparse once training has made
 the codes sparse, so both the L0 and the length of the timing run set the rate).
 
-Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr",
+Ours runs through run.py's training loop at its defaults and the architecture's OURS flags (below; relu's are
+SAELens' standard SAE plus our dead-latent resampling).
+
+Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr", "ours_flags",
 "ours": {"tokens_per_s", "fvu", "l0", "dead"}, "saelens": {same keys}}.
 """
 
@@ -52,16 +55,21 @@ from sparse_coding.saes import sae_class  # noqa: E402
 from sparse_coding.saes.matryoshka import level_widths  # noqa: E402
 from sparse_coding.saes.saelens import save_sae  # noqa: E402
 from sparse_coding.training.schedule import Schedule  # noqa: E402
-from sparse_coding.training.trainer import Trainer  # noqa: E402
+from sparse_coding.training.trainer import Trainer, train  # noqa: E402
 from utils import tune_allocator  # noqa: E402
 
 SAELENS_DEFAULT_LR = 3e-4  # SAETrainerConfig's and LanguageModelSAERunnerConfig's default
-# Our penalty coefficients (relu, gated, jumprelu), as multiples of the one whose loss equals SAELens' at unit decoder
-# norms. Equal losses do not give equal L0: SAELens starts its decoder rows at norm 0.1 and weighs the penalty by
-# them, so it trains less sparse (relu, tiny model, 1 M tokens, l1_coefficient 1: SAELens' L0 111 at lr 3e-4 and
-# 21.6 at 2e-3; ours at lr 2e-3 419 at 1/16x, 54 at 1/4x, 6.3 at 1x). Steps of 2 keep the log-L0 chord that
-# interpolates ours short (FVU is convex in log L0, so a long chord overstates our FVU).
-BRACKET = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1]
+# Our penalty coefficients (relu, gated, jumprelu), as multiples of the one whose loss equals SAELens' (relu: the
+# same SAE then, so 1x gives SAELens' L0 at the same lr; tiny model, 1 M tokens, l1_coefficient 1: SAELens' L0 is 111
+# at lr 3e-4 and 21.6 at 2e-3, ours at lr 2e-3 21.4 at 1x). Steps of 2 keep the log-L0 chord that interpolates ours
+# short (FVU is convex in log L0, so a long chord overstates our FVU).
+BRACKET = [1 / 8, 1 / 4, 1 / 2, 1, 2]
+# run.py flags ours trains with beyond its defaults (printed in every row): relu as SAELens' standard SAE (free
+# decoder rows, which also bring its init, clip and Adam ε; saes/relu.py) plus our dead-latent resampling, which
+# is what we add to that recipe. At unit rows (run.py's default, the original code's recipe) ours lost the lr-2e-3
+# match (README). Resampling draws its scoring batches from the training stream, so ours' later batches are other
+# batches of the same chunks than SAELens' (the same count trained on).
+OURS: dict[str, dict[str, Any]] = {"relu": {"decoder_init_norm": 0.1, "resample_every": 50}}
 # Our architecture → SAELens' training module and class, and its config fields for our knob's value.
 SAELENS = {
     "topk": ("topk_sae", "TopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
@@ -125,6 +133,22 @@ def batch_stream(data: ActivationDataset | ToyChunks, batch: int, seed: int) -> 
         yield source.next_batch(batch)
 
 
+class StreamSource:
+    """batch_stream as our trainer's batch source (every batch is the stream's size; nothing to checkpoint)."""
+
+    def __init__(self, stream: Iterator[Tensor]):
+        self.stream = stream
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        return next(self.stream)
+
+    def get_state(self) -> dict[str, Tensor]:
+        return {}
+
+    def set_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
 def held_out(data: ActivationDataset | ToyChunks) -> Tensor:
     return (
         data.held_out(131_072)
@@ -139,17 +163,16 @@ def held_out(data: ActivationDataset | ToyChunks) -> Tensor:
 def train_ours(
     arch: str, knobs: list[float], d: int, args: argparse.Namespace, data: Any, folder: Path, steps: int
 ) -> tuple[list[Path], float]:
-    """Trains our stack of one SAE per knob value (run.py's defaults otherwise) for `steps` steps; gives their
-    saved folders and the loop's tokens/s."""
-    cfg = RunConfig(arch=arch, lr=args.lr, batch_size=args.batch, n_steps=steps, device="cpu")
+    """Trains our stack of one SAE per knob value (run.py's defaults and the architecture's OURS flags) for `steps`
+    steps through run.py's training loop; gives their saved folders and the loop's tokens/s."""
+    cfg = RunConfig(arch=arch, lr=args.lr, batch_size=args.batch, n_steps=steps, device="cpu", **OURS.get(arch, {}))
     cls = sae_class(arch)
     torch.manual_seed(args.seed)
     stack = cls(d, args.d_sae, [{cls.knob: v} for v in knobs], **cfg.sae_options())
     trainer = Trainer([stack], lr=args.lr, schedule=Schedule.from_config(cfg), grad_clip=cfg.grad_clip)
-    batches = batch_stream(data, args.batch, args.seed)
+    source = StreamSource(batch_stream(data, args.batch, args.seed))
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(next(batches))
+    train(trainer, source, cfg, None, "", progress=False)
     rate = steps * args.batch / (time.perf_counter() - start)
     meta = {"model_name": args.model_name, "hook_name": "bench", "lr": args.lr, "n_steps": steps}
     paths = [save_sae(folder / f"ours_{arch}_{m}", stack, m, meta) for m in range(stack.n_models)]
@@ -277,6 +300,7 @@ def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any,
             "tokens": steps * args.batch,
             "saelens_setting": setting,
             "lr": {"ours": args.lr, "saelens": lr},
+            "ours_flags": OURS.get(arch, {}),
             "ours": {"tokens_per_s": round(rate), **mine},
             "saelens": theirs,
         }

@@ -69,7 +69,8 @@ class SAE(nn.Module, ABC):
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True
-    # Largest gradient norm of each SAE per step, where --grad_clip leaves it to the architecture (0: none).
+    # Largest gradient norm of each SAE per step, where --grad_clip leaves it to the architecture (0: none; an
+    # architecture whose bound depends on the stack's shape overrides `default_grad_clip` instead).
     grad_clip: ClassVar[float] = 0.0
 
     def __init__(
@@ -122,6 +123,15 @@ class SAE(nn.Module, ABC):
     def decoder(self) -> Tensor:
         """Gives the decoder, [M, d_sae, d_out], rows of unit norm unless the decoder is free."""
         return self.W_dec
+
+    def default_grad_clip(self) -> float:
+        """The largest gradient norm of each model per step where --grad_clip leaves it to the architecture."""
+        return self.grad_clip
+
+    def adam_eps(self) -> float:
+        """Adam's ε for this stack's parameters (torch's default; an architecture whose loss is another tool's
+        on a smaller scale may scale it alike, since ε is the one thing Adam does not scale with the gradients)."""
+        return 1e-8
 
     @property
     def free_decoder(self) -> bool:

@@ -56,8 +56,8 @@ class SweepConfig(Config):
     lr: float = option(1e-3, "Adam learning rate", gt=0)
     grad_clip: float | None = option(
         None,
-        "largest gradient norm of each SAE per step (0: none; default: 0.05 for the TopK family, whose loss is FVU, "
-        "none for the others)",
+        "largest gradient norm of each SAE per step (0: none; default: 0.025 for the TopK family, whose loss is FVU; "
+        "1/d_in for relu with a free decoder, SAELens' bound on our loss's scale; none for the others)",
         ge=0,
     )
     lr_warmup_steps: int = option(0, "steps over which the learning rate rises linearly to lr", ge=0)

@@ -72,13 +72,14 @@ class Trainer:
         """sync, when given, averages tensors in place across data-parallel processes (b_dec's data-mean start,
         the input scale, then every step's gradients). init_b_dec=False keeps b_dec as loaded (continuing
         saved SAEs). Without a schedule the learning rate stays lr and the sparsity coefficients whole. grad_clip:
-        the largest gradient norm of each SAE per step (0: none; None: its architecture's `grad_clip`)."""
+        the largest gradient norm of each SAE per step (0: none; None: its architecture's `default_grad_clip`)."""
         self.stacks, self.sync, self.init_b_dec = stacks, sync, init_b_dec
-        self.grad_clips = [s.grad_clip if grad_clip is None else grad_clip for s in stacks]
+        self.grad_clips = [s.default_grad_clip() if grad_clip is None else grad_clip for s in stacks]
         self.schedule = schedule or Schedule(n_steps=1, lr=lr)
         self.params = [p for s in stacks for p in s.parameters()]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
-        self.opt = torch.optim.Adam(self.params, lr=lr, fused=fused)
+        groups = [{"params": list(s.parameters()), "eps": s.adam_eps()} for s in stacks]
+        self.opt = torch.optim.Adam(groups, lr=lr, fused=fused)
         self.step_count = 0
         self.input_scale: Tensor | None = None  # [1] float64, once normalisation is estimated
 

@@ -133,3 +133,41 @@ def test_a_free_topk_decoder_trains_as_saelens_rescaled_one(arch):
         assert torch.allclose(ours.decode(mine)[0], theirs.decode(codes), atol=1e-5)
         norms = ours.W_dec.norm(dim=-1)
         assert norms.max() > 3 * norms.min()  # rows of different norms: the rescale mattered
+
+
+def test_a_free_relu_trains_as_saelens_standard_sae(relu_step):
+    """With a free decoder our relu is SAELens' standard SAE down to the optimiser: from the same weights, on the
+    same batches, our Trainer (l1_alpha = l1_coefficient · d_sae / d_in; its default clip and Adam ε, which are
+    SAELens' on our loss's scale) and SAELens' SAETrainer end at the same weights. Every step's gradient is
+    clipped, so a wrong bound would show; so would a wrong ε, on the rarely firing latents."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from sparse_coding.training.trainer import Trainer
+
+    d, f, coef, steps, B, lr = 16, 64, 3.0, 40, 256, 3e-3
+    torch.manual_seed(0)
+    batches = torch.randn(steps, B, d) * torch.linspace(0.1, 4, d) + 1  # no centring needed: b_dec learns it
+    theirs = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=f, l1_coefficient=coef))
+    ours = build_sae("relu", d, f, [{"l1_alpha": coef * f / d}], decoder_init_norm=0.1)
+    # Our init is SAELens' (same distribution): rows at norm 0.1, the encoder their transpose, both biases 0.
+    assert torch.allclose(ours.W_dec.norm(dim=-1), torch.full((1, f), 0.1)) and torch.equal(ours.W_enc, ours.W_dec)
+    assert not ours.b_enc.any() and not ours.b_dec.any()
+    with torch.no_grad():
+        for n in ("b_enc", "W_dec", "b_dec"):
+            getattr(ours, n)[0].copy_(getattr(theirs, n))
+        ours.W_enc[0].copy_(theirs.W_enc.T)
+    trainer = Trainer([ours], lr=lr)
+    clipped = 0
+    for x in batches:
+        out = ours.train_forward(x, stats=False)  # (the same step the trainer takes next, to see the clip bind)
+        grads = torch.autograd.grad(out.loss.sum(), list(ours.parameters()))
+        clipped += float(torch.cat([g.flatten() for g in grads]).norm()) > ours.default_grad_clip()
+        trainer.step(x)
+    cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B, lr=lr, lr_end=lr)
+    SAETrainer(cfg, theirs, iter(batches)).fit()
+    assert clipped == steps
+    for n in ("b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(ours, n)[0], getattr(theirs, n), rtol=1e-3, atol=2e-5), n
+    assert torch.allclose(ours.W_enc[0], theirs.W_enc.T, rtol=1e-3, atol=2e-5)
