@@ -7,8 +7,8 @@ standard SAE (Anthropic's April 2024 update), down to its optimiser: the rows st
 encoder as their transpose, b_enc and b_dec at 0; L1 weighs each code by its decoder row's norm. Our loss is
 SAELens' divided by d_out (the squared error is a mean over d_out, not a sum; l1_alpha = SAELens' l1_coefficient ·
 d_sae / d_out), so its gradient clip (1) and Adam ε (1e-8) are divided by d_out too, which makes the two
-trajectories the same: on the tiny model's MLP ours then gives SAELens' L0, FVU and dead latents within ~1 %
-(README). Without the ε the dead latents differ by ~100 of 4096.
+trajectories the same: on the tiny model's MLP ours then gives SAELens' L0 and, within a few per cent, its FVU and
+dead latents (README). With torch's ε instead the dead latents differed by ~100 of 4096.
 
 Once the codes are sparse (`sparse_below`), a step runs as the TopK family's does (saes/sparse.py): one dense
 matmul for the encoder, then work over the positive codes only; before that, the dense step below. Both are exact.

@@ -40,7 +40,8 @@ class SweepConfig(Config):
     decoder_init_norm: float = option(
         0.0,
         "0: decoder rows kept at unit norm; > 0: rows start at this norm and train freely, each latent's sparsity "
-        "penalty (relu, gated, jumprelu) or code (TopK family) weighted by its row's norm; 0.1 is SAELens' default",
+        "penalty (relu, gated, jumprelu) or code (TopK family) weighted by its row's norm; 0.1 is SAELens' default "
+        "(relu then takes SAELens' whole recipe: its init, gradient clip and Adam ε on our loss's scale)",
         ge=0,
     )
     auxk_alpha: float = option(1 / 32, "topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents", ge=0)
