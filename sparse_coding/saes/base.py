@@ -69,9 +69,6 @@ class SAE(nn.Module, ABC):
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True
-    # Largest gradient norm of each SAE per step, where --grad_clip leaves it to the architecture (0: none; an
-    # architecture whose bound depends on the stack's shape overrides `default_grad_clip` instead).
-    grad_clip: ClassVar[float] = 0.0
 
     def __init__(
         self,
@@ -125,8 +122,9 @@ class SAE(nn.Module, ABC):
         return self.W_dec
 
     def default_grad_clip(self) -> float:
-        """The largest gradient norm of each model per step where --grad_clip leaves it to the architecture."""
-        return self.grad_clip
+        """The largest gradient norm of each model per step where --grad_clip leaves it to the architecture (0:
+        none)."""
+        return 0.0
 
     def adam_eps(self) -> float:
         """Adam's ε for this stack's parameters (torch's default; an architecture whose loss is another tool's

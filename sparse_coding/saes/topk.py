@@ -36,12 +36,14 @@ class TopKSAE(SAE):
     knob = "k"
     options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias", "decoder_init_norm")
     lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
+
     # FVU's gradient norm falls ~50x over the first ~50 steps (0.64 -> 0.012 on the tiny model's MLP). Unclipped,
     # those first gradients dominate Adam's second moment (β2 0.999 remembers ~1000 steps) and shrink every later
     # step. bench/vs_saelens.py at lr 2e-3, 2 M tokens, FVU (dead latents): batchtopk unclipped 0.0497, clipped at
     # 0.05 0.0432, at 0.025 0.0406 (435); topk at 0.05 0.0437 (436), at 0.025 0.0422 (519), at 0.0125 0.0414 but
     # 687 dead. SAELens clips at 1.0 on its loss, whose scale is the activations'; FVU's gradient has no such scale.
-    grad_clip = 0.025
+    def default_grad_clip(self) -> float:
+        return 0.025
 
     def __init__(
         self,
