@@ -93,13 +93,14 @@ def step_seconds(
     sae.precision = Precision(train_dtype)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=sae.adam_eps(), fused=True)
     x = torch.randn(B, d, device=device)
+    clip = sae.default_grad_clip()  # the architecture's default clipping, as the Trainer applies it
 
     def step() -> None:
         out = sae.train_forward(x, stats=False)
         out.loss.sum().backward()
         sae.constrain_grads()
-        if sae.default_grad_clip() > 0:  # the architecture's default clipping, as the Trainer applies it
-            sae.clip_grads(sae.default_grad_clip())
+        if clip > 0:
+            sae.clip_grads(clip)
         opt.step()
         sae.constrain_weights()
         opt.zero_grad(set_to_none=True)

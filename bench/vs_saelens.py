@@ -10,7 +10,7 @@ on the held-out chunk: FVU, L0 and dead latents (never fired there). tokens_per_
 rate, batches included, measured in this process.
 
 relu has no k to fix L0, so ours is trained at l1 values bracketing SAELens' l1_coefficient (mapped by
-l1_alpha = l1_coefficient · d_sae / d_in, which makes the two losses agree for unit decoder norms; BRACKET below) and
+l1_alpha = l1_coefficient · d_sae / d_in, which makes ours SAELens' loss divided by d_in; BRACKET below) and
 our FVU is interpolated, in log L0, at each SAELens run's L0 ("l0" then is that L0, "interpolated": true; outside our
 runs' L0 range fvu is null, with the reason); our tokens_per_s is then one SAE trained alone on the same tokens, at
 the bracket's coefficient whose L0 is nearest that SAELens run's (a relu step turns sparse once training has made
