@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import shutil
 import sys
@@ -17,10 +18,12 @@ import torch
 from tqdm import tqdm
 
 from sparse_coding.errors import CheckpointError, ConfigError, UserError
+from sparse_coding.locks import run_folder_lock
 
 # Environment faults a user fixes (disk full, no permission, read-only disk): one line, not a traceback.
 _ENV_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 RUN_MARKER = ".sparse_coding_run"  # in every run folder this tool made: only those are ever written into again
+OWN_FILES = ".sparse_coding"  # the prefix of the marker's and the lock's files (locks.py)
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -74,7 +77,18 @@ def claim_folder(path: Path, kind: str) -> bool:
     earlier run of the same kind marked (to resume it, or to be refused there if it is finished). Anything else
     is refused with one line and left untouched.
     """
+    check_claimable(path, kind)
     created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / RUN_MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {str(path)!r}: {e.strerror or e}") from None
+    return created
+
+
+def check_claimable(path: Path, kind: str) -> None:
+    """Raises unless `path` is new, empty, or marked by a run of `kind` (see claim_folder); writes nothing."""
     marker = path / RUN_MARKER
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {str(path)!r} is a file, not a folder")
@@ -82,28 +96,40 @@ def claim_folder(path: Path, kind: str) -> bool:
         owner = json.loads(marker.read_text() or "{}").get("kind")
         if owner != kind:
             raise CheckpointError(f"{path} holds a {owner} run, not a {kind} run; choose another --out")
-    elif path.exists() and any(path.iterdir()):
+    elif path.exists() and any(not p.name.startswith(OWN_FILES) for p in path.iterdir()):
         raise CheckpointError(f"{path} is not empty and was not made by this tool; choose a new or empty --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"kind": kind}) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {str(path)!r}: {e.strerror or e}") from None
-    return created
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that owns the run's files: the only one, or torchrun's rank 0 (read from the
+    environment, before any process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextmanager
 def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> Iterator[Path]:
-    """Gives the claimed run folder `out` (default outputs/<timestamp>_<name>/) for a run of `kind`; a folder made
-    here and left holding nothing but its mark when the run fails is removed again."""
+    """Gives the claimed run folder `out` (default outputs/<timestamp>_<name>/) for a run of `kind`, locked for the
+    run (locks.py: a second process is refused with one line naming the first); a folder made here and left holding
+    nothing but its mark when the run fails is removed again."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not out:
+        raise ConfigError("under torchrun give --out: every process must write into the same folder")
     path = Path(out) if out else Path(root) / f"{datetime.now():%Y%m%d_%H%M%S}_{name}"
-    created = claim_folder(path, kind)
+    check_claimable(path, kind)
+    lock = run_folder_lock(path) if is_main_process() else None
+    created = not path.exists()
+    if lock is not None:
+        lock.acquire()  # refused: nothing of ours to undo, and the folder is another run's
     try:
+        claim_folder(path, kind)
         yield path
     except BaseException:
-        if created and [p.name for p in path.iterdir()] == [RUN_MARKER]:
+        if lock is not None:
+            lock.release()
+        if created and all(p.name.startswith(OWN_FILES) for p in path.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
         raise
+    if lock is not None:
+        lock.release()
 
 
 def tune_allocator() -> None:

@@ -34,3 +34,7 @@ class CheckpointError(UserError):
 
 class SAEFolderError(UserError):
     """A folder is not a readable SAE in the SAELens layout."""
+
+
+class BusyError(UserError):
+    """Another process is writing the folder asked for (a run folder, an activation store)."""

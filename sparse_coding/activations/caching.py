@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from sparse_coding.config import Config, option
 from sparse_coding.data.text import TokenStream, iter_documents
 from sparse_coding.errors import ConfigError, ModelError, StoreError
 from sparse_coding.files import read_json
+from sparse_coding.locks import store_lock
 from sparse_coding.models.language_model import LAYER_LOCS, MODEL_DTYPES, LanguageModel
 from sparse_coding.models.tokenizer import EXCLUDE_DEFAULT, parse_exclude_tokens
 
@@ -209,17 +211,20 @@ def prepare_activations(
     def text_read() -> dict[str, Any]:
         return {"bytes_per_token": stream.bytes_per_token, "n_docs": stream.n_docs}
 
-    data = cache_activations(
-        specs,
-        stream,
-        compute,
-        cfg.n_chunks,
-        cfg.rows_per_chunk,
-        cfg.model_batch_size,
-        sorted(specs[0].fields["excluded_tokens"]),
-        text_read,
-        progress,
-    )
+    with ExitStack() as held:  # one writer per store: a second process is refused, naming this one
+        for s in specs:
+            held.enter_context(store_lock(s.folder))
+        data = cache_activations(
+            specs,
+            stream,
+            compute,
+            cfg.n_chunks,
+            cfg.rows_per_chunk,
+            cfg.model_batch_size,
+            sorted(specs[0].fields["excluded_tokens"]),
+            text_read,
+            progress,
+        )
     for s in specs:
         print(f"activations stored in {s.folder}")
     return data

@@ -29,11 +29,12 @@ from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.config import Config, option
 from sparse_coding.errors import UserError
 from sparse_coding.files import read_json, write_json
+from sparse_coding.locks import run_folder_lock
 from sparse_coding.models.language_model import load_language_model
 from sparse_coding.models.unembed import logit_effects
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
-from utils import claim_folder
+from utils import check_claimable, claim_folder
 
 
 @dataclass
@@ -120,34 +121,36 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     tokens, dense = load_rows(ActivationDataset.open(meta["activations_dir"]), cfg.max_rows)
     if dense.shape[-1] != sae.d_in:
         raise UserError(f"the stored activations have d={dense.shape[-1]}, the SAE expects d_in={sae.d_in}")
-    out = prepare_out(cfg, sae_dir)
-    lm = load_language_model(meta["model_name"], torch.device("cpu"))
-    ids = tokens.unique().tolist()
-    id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
-    effects = logit_effects(lm, meta.get("hook_name", ""), sae.d_in) if meta.get("hook_name") else None
-    rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
-    for name, fs in feature_sets(cfg, sae, dense).items():
-        print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")
-        records = build_feature_records(tokens.numpy(), fs.acts, id_to_str, features=fs.features, cfg=rec_cfg,
-                                        method=name)  # fmt: skip
-        add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens)
-        interpret_features(records, out, name, api_config(cfg))
-    extra = {
-        "sae_dir": str(sae_dir),
-        "model_name": meta.get("model_name"),
-        "hook_name": meta.get("hook_name"),
-        "n_rows": int(tokens.shape[0]),
-        "config": asdict(cfg),
-    }
-    summary = read_json(write_summary(out, cfg.scorer, extra))
-    write_html(out, summary, cfg.scorer)
+    out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
+    check_claimable(out, "interpret")
+    with run_folder_lock(out):  # one interpret run writes a folder at a time
+        prepare_out(cfg, sae_dir, out)
+        lm = load_language_model(meta["model_name"], torch.device("cpu"))
+        ids = tokens.unique().tolist()
+        id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
+        effects = logit_effects(lm, meta.get("hook_name", ""), sae.d_in) if meta.get("hook_name") else None
+        rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
+        for name, fs in feature_sets(cfg, sae, dense).items():
+            print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")
+            records = build_feature_records(tokens.numpy(), fs.acts, id_to_str, features=fs.features, cfg=rec_cfg,
+                                            method=name)  # fmt: skip
+            add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens)
+            interpret_features(records, out, name, api_config(cfg))
+        extra = {
+            "sae_dir": str(sae_dir),
+            "model_name": meta.get("model_name"),
+            "hook_name": meta.get("hook_name"),
+            "n_rows": int(tokens.shape[0]),
+            "config": asdict(cfg),
+        }
+        summary = read_json(write_summary(out, cfg.scorer, extra))
+        write_html(out, summary, cfg.scorer)
     return {"out": out, "summary": summary}
 
 
-def prepare_out(cfg: InterpretRunConfig, sae_dir: Path) -> Path:
-    """The output folder, refused when it holds features made with other settings (finished features are reused
-    on a rerun, so they must come from the same settings)."""
-    out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
+def prepare_out(cfg: InterpretRunConfig, sae_dir: Path, out: Path) -> None:
+    """Claims the output folder, refused when it holds features made with other settings (finished features are
+    reused on a rerun, so they must come from the same settings)."""
     claim_folder(out, "interpret")
     settings = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "max_concurrency")},
@@ -157,7 +160,6 @@ def prepare_out(cfg: InterpretRunConfig, sae_dir: Path) -> Path:
     if settings_path.is_file() and read_json(settings_path) != json.loads(json.dumps(settings)):
         raise UserError(f"{out} holds features made with other settings; use another --out (or the same settings)")
     write_json(settings_path, settings)
-    return out
 
 
 def api_config(cfg: InterpretRunConfig) -> InterpretConfig:
