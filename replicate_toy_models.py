@@ -3,6 +3,7 @@
     python replicate_toy_models.py --preset cpu          # a few minutes on 2 cores
     python replicate_toy_models.py --preset paper        # the report's full grid (GPU)
     python replicate_toy_models.py --preset smoke --out /tmp/t
+    torchrun --standalone --nproc_per_node 2 replicate_toy_models.py --parallel latents --out /tmp/t  # SAEs split in 2
 
 Writes config.json, results.json, the SAEs (SAELens layout), ground_truth.safetensors and four heatmaps.
 A killed run resumes from its checkpoint when rerun with the same --out.
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         tune_allocator()
         seed_everything(cfg.seed)
         results = run_toy(cfg, out_dir)
+    if not results:  # under torchrun only rank 0 reports
+        return
     best = max(results["runs"], key=lambda r: r["mmcs"])
     knob = best["knob"]
     print(f"best MMCS {best['mmcs']:.3f} at {knob}={best[knob]:.4g}, dict_ratio={best['dict_ratio']:g}")

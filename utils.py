@@ -79,12 +79,19 @@ def claim_folder(path: Path, kind: str) -> bool:
     """
     check_claimable(path, kind)
     created = not path.exists()
-    try:
+    with _writing(path):
         path.mkdir(parents=True, exist_ok=True)
         (path / RUN_MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+    return created
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Says a failure to write into output folder `path` as the user error it is."""
+    try:
+        yield
     except OSError as e:
         raise UserError(f"cannot write to output folder {str(path)!r}: {e.strerror or e}") from None
-    return created
 
 
 def check_claimable(path: Path, kind: str) -> None:
@@ -118,7 +125,8 @@ def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> 
     lock = run_folder_lock(path) if is_main_process() else None
     created = not path.exists()
     if lock is not None:
-        lock.acquire()  # refused: nothing of ours to undo, and the folder is another run's
+        with _writing(path):
+            lock.acquire()  # refused: nothing of ours to undo, and the folder is another run's
     try:
         claim_folder(path, kind)
         yield path

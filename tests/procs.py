@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -19,3 +21,15 @@ def kill_after_checkpoint(cmd: list[str], out: Path, cwd: Path, timeout: float =
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs proc and every process it started (torchrun's workers live in sessions of their own), as a
+    preempted box would."""
+    import psutil
+
+    family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()

@@ -109,6 +109,7 @@ CASES = [
     ("toy", ["--l1_exp_low", "5", "--l1_exp_high", "1"], "each *_exp_low must be at most its *_exp_high"),
     ("toy", ["--l1_exp_base", "1e300", "--l1_exp_high", "5"], "leave the floating-point range"),
     ("toy", ["--arch", "topk", "--k_values", "1000"], "larger than the smallest dictionary"),
+    ("toy", ["--preset", "smoke", "--parallel", "latents"], "start it with torchrun"),
     ("toy", ["--dict_ratio_exp_high", "30"], "the sweep needs about"),
     ("toy", ["--n_steps", "abc"], "invalid int value: 'abc'"),
     ("toy", ["--no_such_flag", "1"], "unrecognized arguments"),
@@ -264,6 +265,20 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, entry, argv, me
     new = [k for k in after if k not in before]
     assert all(out is not None and out.name in STARTED and (world["root"] / k).is_relative_to(out) for k in new), new
     assert snapshot(tmp_path) == here and not (world["root"] / "pwned").exists()
+
+
+def test_latents_that_do_not_split_evenly_over_the_processes_are_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node 3 sets it; refused before any process group
+    with pytest.raises(SystemExit) as exit_:
+        run_main(
+            lambda: replicate_toy_models.main(
+                ["--preset", "smoke", "--parallel", "latents", "--out", str(tmp_path / "o")]
+            )
+        )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert "needs dictionary sizes divisible by 3; 16, 32, 64 are not" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_table_is_long_enough():

@@ -32,7 +32,7 @@ from sparse_coding.models.language_model import MODEL_DTYPES, LanguageModel, loa
 from sparse_coding.pipelines.lm_sweep import RESULTS, Run, Sweep, fingerprint, run_sweep
 from sparse_coding.saes.precision import Precision
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
-from sparse_coding.training.distributed import PARALLEL_MODES, gather_json, init_distributed, shutdown
+from sparse_coding.training.distributed import gather_json, init_distributed, shutdown
 from sparse_coding.training.memory import check_sweep_fits
 from utils import resolve_device
 
@@ -50,11 +50,6 @@ class RunConfig(SweepConfig, CacheConfig):
         0.9, "share of features whose best match in the next larger dictionary exceeds this", gt=0, lt=1
     )
     use_wandb: bool = option(False, "log to wandb (key from WANDB_API_KEY or `wandb login`; WANDB_MODE=offline works)")
-    parallel: str = option(
-        "models",
-        "under torchrun: 'models' splits the sweep's SAEs over ranks, 'data' splits every batch",
-        choices=PARALLEL_MODES,
-    )
     wandb_project: str = option("sparse_coding", "wandb project name")
     # The sweep, sized for the offline default on 2 cores (minutes): l1 = 10^(e/4), e in -2..1, which spans
     # L0 ≈ 2..60 on the tiny model's MLP neurons; dictionaries 1×, 2×, 4× the activation width. On a GPU and a
@@ -187,7 +182,8 @@ def check_sweep(run: Run, name: str, d: int) -> None:
     """Refuses dictionary sizes that cannot be trained, or a sweep too big for the device, before any work."""
     run.cfg.check_sizes(d)
     if run.info.is_main:
-        print(f"sweep on {name}: {check_sweep_fits(run.cfg, d, run.device)}")
+        shards = run.info.world if run.cfg.parallel == "latents" else 1
+        print(f"sweep on {name}: {check_sweep_fits(run.cfg, d, run.device, shards)}")
         print(Precision(run.cfg.train_dtype).describe(run.device))
 
 

@@ -28,13 +28,14 @@ from sparse_coding.files import load_tensors, read_json, write_json
 from sparse_coding.models.language_model import LanguageModel
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
-from sparse_coding.training.checkpoint import check_resumable, config_fingerprint
+from sparse_coding.training.checkpoint import check_resumable, check_world, checkpoint_dir, config_fingerprint
 from sparse_coding.training.distributed import (
     DistInfo,
     RankSlice,
     average_tensors,
     barrier,
     gather_json,
+    gather_stack,
     my_models,
     slice_stack,
 )
@@ -57,7 +58,7 @@ class Run:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.out_dir / "checkpoint" / (f"rank{self.info.rank}" if self.info.active else "")
+        return checkpoint_dir(self.out_dir / "checkpoint", self.info.rank, self.info.world)
 
     def finished(self) -> bool:
         return (self.out_dir / RESULTS).exists() and not (self.out_dir / "checkpoint").exists()
@@ -81,6 +82,7 @@ def fingerprint(run: Run, sweep: Sweep) -> str:
     fp = config_fingerprint(
         {**asdict(run.cfg), "d": data.d, "d_out": data.d_out, "hook": sweep.target.name, "world": world}
     )
+    check_world(run.out_dir / "checkpoint", world)
     check_resumable(run.ckpt_dir, fp)
     return fp
 
@@ -100,7 +102,7 @@ def make_stacks(run: Run, data: ActivationDataset) -> list[SAE]:
     """Gives this process's stacks: the whole sweep, or its share of the grid under --parallel models, loaded
     from saved SAEs when asked."""
     cfg, info = run.cfg, run.info
-    stacks = build_stacks(cfg, data.d, run.device, data.d_out, cfg.skip_connection)
+    stacks = build_stacks(cfg, data.d, run.device, data.d_out, cfg.skip_connection, info)
     if cfg.load_autoencoders:
         n = len(load_into_stacks(stacks, Path(cfg.load_autoencoders)))
         if info.is_main:
@@ -144,7 +146,8 @@ def load_into_stacks(stacks: list[SAE], folder: Path) -> list[str]:
                 continue
             for m in range(stack.n_models):
                 if same_hparams(stack.hparams(m), sae.hparams(0)):
-                    stack.load_exported(m, sae.export(0))
+                    weights = sae.export(0)
+                    stack.load_exported(m, stack.shard.take(weights) if stack.shard is not None else weights)
                     loaded.append(sub.name)
     if not loaded:
         raise ConfigError(f"--load_autoencoders: no SAE in {folder} matches this sweep's architecture, sizes and knobs")
@@ -184,10 +187,13 @@ def train_and_report(
         train(trainer, source, replace(cfg, n_steps=steps), run.ckpt_dir, fp, log, run.progress)
         if trainer.step_count > steps:  # resumed past this pass: its weights are gone, report at a later pass
             continue
-        sharded = info.active and cfg.parallel == "models"
+        stacks_now = trainer.export_stacks()
+        if info.active and cfg.parallel == "latents":  # each stack put back together on rank 0 (None elsewhere)
+            stacks_now = [gather_stack(s) for s in stacks_now]
+        split_models = info.active and cfg.parallel == "models"
         rows = (
-            evaluate_and_save(run, sweep, trainer.export_stacks(), x_eval, eval_tokens, positions, steps)
-            if info.is_main or sharded
+            evaluate_and_save(run, sweep, stacks_now, x_eval, eval_tokens, positions, steps)
+            if info.is_main or split_models
             else []
         )
         all_rows = [r for part in gather_json(rows, info, run.device) for r in part]  # data parallel: rank 0's

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sparse_coding.config import option
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator
-from sparse_coding.errors import CheckpointError
+from sparse_coding.errors import CheckpointError, ConfigError
 from sparse_coding.eval.comparison import write_comparison
 from sparse_coding.eval.plots import metrics_against_l0
 from sparse_coding.eval.reconstruction import evaluate, truth_meters
@@ -25,8 +25,9 @@ from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import read_json, save_tensors, write_json
 from sparse_coding.saes import SAE, SAES
 from sparse_coding.saes.precision import Precision
-from sparse_coding.training.checkpoint import check_resumable, config_fingerprint
-from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
+from sparse_coding.training.checkpoint import check_resumable, check_world, checkpoint_dir, config_fingerprint
+from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig, torchrun_world
+from sparse_coding.training.distributed import DistInfo, barrier, gather_stack, init_distributed, shutdown
 from sparse_coding.training.log import LOG_FILE, TrainLog
 from sparse_coding.training.memory import check_sweep_fits
 from sparse_coding.training.schedule import Schedule
@@ -175,32 +176,58 @@ class ToySource:
 
 
 def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Trains the sweep (resuming a killed run in out_dir), evaluates it and writes everything there."""
+    """Trains the sweep (resuming a killed run in out_dir), evaluates it and writes everything there. Under torchrun
+    with --parallel latents every SAE's latents are split over the processes; rank 0 writes the run folder (the
+    others give {})."""
     if (out_dir / "results.json").exists():
         raise CheckpointError(f"{out_dir} already holds a finished run (results.json); choose another --out")
+    if torchrun_world() is not None and cfg.parallel != "latents":
+        raise ConfigError("replicate_toy_models.py under torchrun splits each SAE's latents: add --parallel latents")
     if cfg.compare:
+        if torchrun_world() is not None:
+            raise ConfigError("--compare trains one sweep after another; run it in one process (or use --arch)")
         return run_comparison(cfg, out_dir, progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device)}")
-    print(Precision(cfg.train_dtype).describe(device))
-    gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
-    fingerprint = config_fingerprint(asdict(cfg))
-    check_resumable(out_dir / "checkpoint", fingerprint)
-    write_json(out_dir / "config.json", asdict(cfg))
-    truth = {"features": gen.features, "probs": gen.probs, "parent": gen.parent, "depth": gen.depth}
-    save_tensors(out_dir / "ground_truth.safetensors", truth)
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        return train_and_score(cfg, out_dir, info, device, progress and info.is_main)
+    finally:
+        shutdown(info)
 
-    stacks = build_stacks(cfg, cfg.activation_dim, device)
-    log = TrainLog(out_dir / LOG_FILE, stacks)
+
+def train_and_score(
+    cfg: ToyRunConfig, out_dir: Path, info: DistInfo, device: torch.device, progress: bool
+) -> dict[str, Any]:
+    """run_toy's work in one process, or in each of several sharing every SAE's latents."""
+    shards = info.world if cfg.parallel == "latents" else 1
+    if info.is_main:
+        print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device, shards)}")
+        print(Precision(cfg.train_dtype).describe(device))
+    gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
+    fingerprint = config_fingerprint({**asdict(cfg), "world": info.world})
+    check_world(out_dir / "checkpoint", info.world)
+    ckpt_dir = checkpoint_dir(out_dir / "checkpoint", info.rank, info.world)
+    check_resumable(ckpt_dir, fingerprint)
+    if info.is_main:
+        write_json(out_dir / "config.json", asdict(cfg))
+        truth = {"features": gen.features, "probs": gen.probs, "parent": gen.parent, "depth": gen.depth}
+        save_tensors(out_dir / "ground_truth.safetensors", truth)
+
+    stacks = build_stacks(cfg, cfg.activation_dim, device, info=info)
+    log = TrainLog(out_dir / LOG_FILE if info.is_main else None, stacks)
     trainer = Trainer(stacks, lr=cfg.lr, schedule=Schedule.from_config(cfg), grad_clip=cfg.grad_clip)
-    train(trainer, ToySource(gen), cfg, out_dir / "checkpoint", fingerprint, log, progress)
-    runs = score_against_truth(cfg, gen, trainer.export_stacks(), out_dir, progress)
-    results = {"config": asdict(cfg), "runs": runs}
-    write_json(out_dir / "results.json", results)
-    plot_results(cfg, runs, out_dir)
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # the SAEs are saved; the optimizer state is not needed
+    train(trainer, ToySource(gen), cfg, ckpt_dir, fingerprint, log, progress)
+    whole = [gather_stack(s) for s in trainer.export_stacks()]  # the stacks themselves in one process
+    results: dict[str, Any] = {}
+    if info.is_main:
+        runs = score_against_truth(cfg, gen, [s for s in whole if s is not None], out_dir, progress)
+        results = {"config": asdict(cfg), "runs": runs}
+        write_json(out_dir / "results.json", results)
+        plot_results(cfg, runs, out_dir)
+    barrier(info)
+    if info.is_main:  # the SAEs are saved; the optimizer state is not needed
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return results
 
 

@@ -22,8 +22,12 @@ scales each code by it (saes/topk.py).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,9 +35,26 @@ import torch
 from torch import Tensor, nn
 
 from sparse_coding.saes.precision import FP32, Precision
+from sparse_coding.saes.shard import LatentShard
 
 if TYPE_CHECKING:
     from sparse_coding.training.config import SweepConfig
+
+
+# Latents per independently seeded block of the initialisation (see SAE.init_rows).
+INIT_BLOCK = 4096
+_SKIP_INIT: ContextVar[bool] = ContextVar("skip_init", default=False)
+
+
+@contextmanager
+def uninitialised() -> Iterator[None]:
+    """Stacks built inside skip drawing their initial weights (and consume no random numbers): for copies whose
+    state is loaded right after (slices, folded copies, stacks put back together from shards)."""
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
 
 
 @dataclass
@@ -69,6 +90,9 @@ class SAE(nn.Module, ABC):
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True
+    # The parameters and buffers with a row per latent, [M, d_sae, ...]: what latent sharding splits (saes/shard.py).
+    # Everything else (b_dec, W_skip, per-model settings) is the same on every shard.
+    latent_tensors: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec")
 
     def __init__(
         self,
@@ -79,10 +103,11 @@ class SAE(nn.Module, ABC):
         decoder_init_norm: float = 0.0,
         d_out: int | None = None,
         skip: bool = False,
+        shard: LatentShard | None = None,
     ):
         """decoder_init_norm 0 keeps the decoder rows at unit norm; > 0 starts them at that norm, unconstrained.
         d_out: a transcoder's output width (None: an SAE, reconstructing its input); skip: a transcoder's learned
-        linear skip connection."""
+        linear skip connection; shard: the latents this process holds (None: all of them)."""
         super().__init__()
         if not hparams or any(self.knob not in h for h in hparams):
             raise ValueError(f"{self.architecture} needs a {self.knob!r} for every SAE of the stack, got {hparams}")
@@ -90,6 +115,13 @@ class SAE(nn.Module, ABC):
             raise ValueError(f"decoder_init_norm must be ≥ 0, got {decoder_init_norm}")
         if skip and d_out is None:
             raise ValueError("a skip connection belongs to transcoders (give d_out)")
+        if shard is not None and shard.d_sae != d_sae:
+            raise ValueError(f"a shard of {shard.d_sae} latents for a dictionary of {d_sae}")
+        self.shard = shard
+        self.d_local = shard.size if shard is not None else d_sae  # the latents held here
+        self.latent_start = shard.start if shard is not None else 0
+        # Each stack's initialisation is drawn from generators seeded by this (see init_rows).
+        self.init_seed = 0 if _SKIP_INIT.get() else int(torch.randint(2**62, (), device="cpu"))
         self._hparams = [dict(h) for h in hparams]
         self.transcoder, self.skip = d_out is not None, skip
         self.d_in, self.d_sae, self.n_models = d_in, d_sae, len(hparams)
@@ -98,10 +130,10 @@ class SAE(nn.Module, ABC):
         self.sparsity_scale = 1.0  # the fraction of its sparsity coefficient a model uses now (the trainer's warm-up)
         self.track_firing = False  # whether train_forward keeps steps_since_fired (resampling architectures)
         self.precision: Precision = FP32  # how the big matmuls run (--train_dtype; saes/precision.py)
-        M = self.n_models
-        self.W_enc = nn.Parameter(torch.empty(M, d_sae, d_in))
-        self.b_enc = nn.Parameter(torch.zeros(M, d_sae))
-        self.W_dec = nn.Parameter(torch.empty(M, d_sae, self.d_out))
+        M, F_ = self.n_models, self.d_local
+        self.W_enc = nn.Parameter(torch.empty(M, F_, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(M, F_))
+        self.W_dec = nn.Parameter(torch.empty(M, F_, self.d_out))
         # Without a decoder bias b_dec stays a zero buffer, so the SAELens layout still has one.
         if decoder_bias:
             self.b_dec = nn.Parameter(torch.zeros(M, self.d_out))
@@ -140,19 +172,39 @@ class SAE(nn.Module, ABC):
         gradient, while rows are kept at unit norm)."""
         if self.free_decoder:
             return self.W_dec.norm(dim=-1)
-        return torch.ones(self.n_models, self.d_sae, device=self.W_dec.device, dtype=self.W_dec.dtype)
+        return torch.ones(self.n_models, self.d_local, device=self.W_dec.device, dtype=self.W_dec.dtype)
+
+    def init_rows(self, tag: str, tail: tuple[int, ...], draw: Callable[[Tensor, torch.Generator], object]) -> Tensor:
+        """Gives the initial values of a per-latent tensor for the latents held here, [M, d_local, *tail]: each
+        model's rows drawn by draw(block, generator) in blocks of INIT_BLOCK latents, every block from a generator
+        seeded by (the stack's seed, model, tag, block). So a latent's first value does not depend on how the
+        latents are sharded, and a shard draws only the blocks it holds."""
+        out = torch.empty(self.n_models, self.d_local, *tail)
+        if _SKIP_INIT.get():
+            return out
+        lo, hi = self.latent_start, self.latent_start + self.d_local
+        for m in range(self.n_models):
+            for b in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1):
+                start, stop = b * INIT_BLOCK, min((b + 1) * INIT_BLOCK, self.d_sae)
+                key = hashlib.blake2b(f"{self.init_seed}/{m}/{tag}/{b}".encode(), digest_size=8).digest()
+                block = torch.empty(stop - start, *tail)
+                draw(block, torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
+                a, z = max(start, lo), min(stop, hi)
+                out[m, a - lo : z - lo] = block[a - start : z - start]
+        return out
 
     @torch.no_grad()
     def init_transposed(self) -> None:
         """The init of TopK (Gao et al.) and SAELens: decoder rows uniform on [-1/√d_in, 1/√d_in]^d_in scaled to
         unit norm (or decoder_init_norm), the encoder their transpose (a transcoder's encoder, which reads another
         space than the decoder writes, uniform on [-1/√d_in, 1/√d_in] instead)."""
-        self.W_dec.uniform_(-(self.d_out**-0.5), self.d_out**-0.5)
+        a, b = self.d_out**-0.5, self.d_in**-0.5
+        self.W_dec.copy_(self.init_rows("W_dec", (self.d_out,), lambda t, g: t.uniform_(-a, a, generator=g)))
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.free_decoder:
             self.W_dec.mul_(self.decoder_init_norm)
         if self.transcoder:
-            self.W_enc.uniform_(-(self.d_in**-0.5), self.d_in**-0.5)
+            self.W_enc.copy_(self.init_rows("W_enc", (self.d_in,), lambda t, g: t.uniform_(-b, b, generator=g)))
         else:
             self.W_enc.copy_(self.W_dec)
 
@@ -175,11 +227,19 @@ class SAE(nn.Module, ABC):
     @torch.no_grad()
     def clip_grads(self, max_norm: float) -> None:
         """Scales each model's gradients (all its parameters together) down to norm max_norm where above it. Per
-        model, so an SAE trains the same whichever others share its stack."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        model, so an SAE trains the same whichever others share its stack (or however its latents are sharded)."""
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
             return
-        sq = sum(torch.linalg.vector_norm(g.reshape(self.n_models, -1), dim=1).pow(2) for g in grads)
+        sqs = {n: torch.linalg.vector_norm(g.reshape(self.n_models, -1), dim=1).pow(2) for n, g in named}
+        if self.shard is None:
+            sq = sum(sqs.values())
+        else:  # a shard's latents hold part of each model's norm; the replicated parameters count once
+            latent = sum((v for n, v in sqs.items() if n in self.latent_tensors), torch.zeros(self.n_models))
+            sq = self.shard.all_reduce_(latent.to(named[0][1])) + sum(
+                v for n, v in sqs.items() if n not in self.latent_tensors
+            )
+        grads = [g for _, g in named]
         factor = (max_norm / sq.sqrt().clamp_min(1e-30)).clamp(max=1.0)
         for g in grads:
             g.mul_(factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
@@ -197,17 +257,38 @@ class SAE(nn.Module, ABC):
         return x - self.b_dec[:, None, :] if self.centers_input else x.expand(self.n_models, -1, -1)
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        """Gives the encoder pre-activations, [M, B, d_sae]."""
+        """Gives the encoder pre-activations of the latents held here, [M, B, d_local]."""
         return self.precision.baddbmm(self.encoder_bias()[:, None, :], self.center(x), self.encoder().mT)
+
+    # --- latent sharding: where the shards meet (saes/shard.py); each is the plain value when not sharded --------
+    def center_bias(self) -> Tensor:
+        """b_dec as the encoder subtracts it: its gradient through the encoder is summed over the shards."""
+        return self.shard.replicate(self.b_dec) if self.shard is not None else self.b_dec
+
+    def output_bias(self) -> Tensor | None:
+        """b_dec as a decoder adds it to its own output: not at all on a shard, whose output is partial (`decoded`
+        adds it once, after the sum)."""
+        return self.b_dec if self.shard is None else None
+
+    def across_latents(self, t: Tensor) -> Tensor:
+        """The sum over shards of a partial sum over latents t (a decoder's output, an L1 or L0 term)."""
+        return self.shard.reduce(t) if self.shard is not None else t
+
+    def decoded(self, partial: Tensor) -> Tensor:
+        """A decoder's output [M, B, d_out] made with `output_bias()`: on a shard summed over shards, then b_dec."""
+        if self.shard is None:
+            return partial
+        return self.shard.reduce(partial) + self.b_dec[:, None, :]
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """Gives the codes (feature activations), [M, B, d_sae], dense."""
 
     def decode(self, codes: Tensor, x: Tensor | None = None) -> Tensor:
-        """codes: [M, B, d_sae] → reconstruction [M, B, d_out]; a skip transcoder also needs its input x."""
+        """codes: [M, B, d_local] → reconstruction [M, B, d_out]; a skip transcoder also needs its input x."""
         precision = self.precision if self.lowers_decoder else FP32
-        out = precision.baddbmm(self.b_dec[:, None, :], codes, self.decoder())
+        bias = self.output_bias()
+        out = self.decoded(precision.baddbmm(None if bias is None else bias[:, None, :], codes, self.decoder()))
         return out + self.skip_term(x) if self.skip else out
 
     def skip_term(self, x: Tensor | None) -> Tensor:
@@ -262,7 +343,8 @@ class SAE(nn.Module, ABC):
         """Gives the options this stack was built with (`options` by name, and a transcoder's d_out and skip),
         to rebuild it or a slice of it."""
         shape = {"d_out": self.d_out, "skip": self.skip} if self.transcoder else {}
-        return {**{name: getattr(self, name) for name in self.options}, **shape}
+        sharded = {"shard": self.shard} if self.shard is not None else {}
+        return {**{name: getattr(self, name) for name in self.options}, **shape, **sharded}
 
     def hparams(self, m: int) -> dict[str, Any]:
         """Gives model m's own hyperparameters ({knob: value}) for names, results and cfg.json."""
@@ -304,7 +386,7 @@ class SAE(nn.Module, ABC):
     def folded(self, scale: float) -> SAE:
         """Gives a copy of this stack that takes and reconstructs raw inputs, this one having been trained on inputs
         multiplied by scale (see fold_input_scale)."""
-        with torch.random.fork_rng(devices=[]):  # building the copy draws an init; keep the caller's RNG as it was
+        with uninitialised():  # its state is loaded next
             copy = type(self)(self.d_in, self.d_sae, self._hparams, **self.stack_options())
         copy.load_state_dict(self.state_dict())
         copy.precision = self.precision
@@ -323,6 +405,8 @@ class SAE(nn.Module, ABC):
     @torch.no_grad()
     def export(self, m: int) -> dict[str, Tensor]:
         """Gives model m's effective weights in the SAELens layout (W_enc [d_in, d_sae], W_dec [d_sae, d_in])."""
+        if self.shard is not None:
+            raise ValueError("a sharded stack is exported once put back together (training/distributed.gather_stack)")
         tensors = {
             "W_enc": self.encoder()[m].T.contiguous(),
             "b_enc": self.encoder_bias()[m].clone(),
@@ -367,8 +451,9 @@ class PenaltySAE(SAE):
         decoder_init_norm: float = 0.0,
         d_out: int | None = None,
         skip: bool = False,
+        shard: LatentShard | None = None,
     ):
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip, shard)
         self.register_buffer(self.knob, torch.tensor([float(h[self.knob]) for h in hparams]))
 
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from sparse_coding.saes.base import TrainOutput
@@ -43,7 +44,9 @@ class BatchTopKSAE(TopKSAE):
         """pre (+ bias): [M, B, d_sae] → (values, flat indices) [M, k_max·B], in index order (saes/sparse.py's
         flat layout); values ReLU'd, model m's past its own k·B zero."""
         B = pre.shape[1]
-        vals, idx = batch_topk(pre, [k * B for k in self.ks], bias)
+        vals, idx = batch_topk(pre, [min(k, self.d_local) * B for k in self.ks], bias)
+        if self.shard is not None:  # the exact global selection: this shard's part of it
+            vals, idx = self.shard.batch_topk(vals, idx, [k * B for k in self.ks], B)
         return vals.relu(), idx
 
     def encode(self, x: Tensor) -> Tensor:
@@ -51,11 +54,11 @@ class BatchTopKSAE(TopKSAE):
         return pre.relu() * (pre > self.threshold.to(pre.dtype)[:, None, None])
 
     def decode_entries(self, vals: Tensor, idx: Tensor, n_tokens: int) -> Tensor:
-        rows, lat = split_flat(idx, self.d_sae)
+        rows, lat = split_flat(idx, self.d_local)
         return sparse_decode(vals, lat, self.decoder(), rows, n_tokens)
 
     def latents(self, idx: Tensor) -> Tensor:
-        return idx % self.d_sae
+        return idx % self.d_local
 
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         out = super().train_forward(x, stats, target)
@@ -69,6 +72,8 @@ class BatchTopKSAE(TopKSAE):
         θ unset: set to it)."""
         super().record_firing(vals, idx, n_tokens)
         smallest = vals.masked_fill(vals <= 0, float("inf")).amin(-1).double()
+        if self.shard is not None:
+            self.shard.all_reduce_(smallest, op=dist.ReduceOp.MIN)
         moved = (1 - THRESHOLD_LR) * self.threshold + THRESHOLD_LR * smallest
         moved = torch.where(self.threshold < 0, smallest, moved)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from sparse_coding.saes.base import SAE, BufferCache, PenaltySAE, TrainOutput
 from sparse_coding.saes.kernels import compiled
 from sparse_coding.saes.relu import L1_NORMS
+from sparse_coding.saes.shard import LatentShard
 
 
 class GatedSAE(PenaltySAE):
@@ -34,6 +35,7 @@ class GatedSAE(PenaltySAE):
     options = ("l1_norm", "decoder_init_norm", "decoder_bias")
     # the dense step's matmuls: relu's five and the auxiliary path's decoder forward and its input gradient
     roofline_matmuls = SAE.roofline_matmuls + ("decoder", "codes_grad")
+    latent_tensors = SAE.latent_tensors + ("r_mag", "b_mag")
 
     def __init__(
         self,
@@ -45,13 +47,14 @@ class GatedSAE(PenaltySAE):
         decoder_bias: bool = True,
         d_out: int | None = None,
         skip: bool = False,
+        shard: LatentShard | None = None,
     ):
         if l1_norm not in L1_NORMS:
             raise ValueError(f"l1_norm must be one of {L1_NORMS}, got {l1_norm!r}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip, shard)
         self.l1_norm = l1_norm
-        self.r_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
-        self.b_mag = nn.Parameter(torch.zeros(self.n_models, d_sae))
+        self.r_mag = nn.Parameter(torch.zeros(self.n_models, self.d_local))
+        self.b_mag = nn.Parameter(torch.zeros(self.n_models, self.d_local))
         self.init_transposed()
         self._cache = BufferCache()
 
@@ -63,8 +66,12 @@ class GatedSAE(PenaltySAE):
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         weights = self.decoder_norms()
         x_hat, x_aux, l1, l0 = _GatedStep.apply(
-            x, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.decoder(), self.b_dec, weights, self
-        )
+            x, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.decoder(), self.center_bias(), self.output_bias(),
+            weights, self,
+        )  # fmt: skip
+        if self.shard is not None:  # partial outputs and sums over this shard's latents
+            x_aux = self.shard.reduce(x_aux) + self.b_dec.detach()[:, None, :]  # the frozen decoder's bias
+            x_hat, l1, l0 = self.decoded(x_hat), self.shard.reduce(l1), self.shard.reduce(l0)
         target = x if target is None else target
         aux_target = target
         if self.skip:  # the gate path's auxiliary reconstruction is asked for what the skip path leaves
@@ -100,15 +107,16 @@ class GatedSAE(PenaltySAE):
 class _GatedStep(torch.autograd.Function):
     """The dense gated SAE forward and backward, [M, B, d_sae] tensors in reused buffers.
 
-    x: [B, d_in]; W_enc, W_dec: [M, d_sae, d_in]; r_mag, b_mag, weights (decoder norms): [M, d_sae]. Returns x_hat
-    and the gate-path reconstruction x_aux (frozen decoder), [M, B, d_in]; l1 [M] (mean over the batch of
-    Σ ReLU(π_gate)·weight) and l0 [M] (no gradient)."""
+    x: [B, d_in]; W_enc, W_dec: [M, d_sae, d_in]; r_mag, b_mag, weights (decoder norms): [M, d_sae]; b_center: the
+    bias subtracted from x; b_out: the bias added to the outputs (None on a shard, whose outputs are partial).
+    Returns x_hat and the gate-path reconstruction x_aux (frozen decoder), [M, B, d_in]; l1 [M] (mean over the batch
+    of Σ ReLU(π_gate)·weight) and l0 [M] (no gradient)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, weights, sae: GatedSAE):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_center, b_out, weights, sae: GatedSAE):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_center[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         mm = sae.precision
         shared = mm.bmm(xc, W_enc.mT, out=cache.get("shared", (M, B, F_), b_gate))  # W(x − b_dec)
         gate, codes = cache.get("gate", (M, B, F_), b_gate), cache.get("codes", (M, B, F_), b_gate)
@@ -122,13 +130,14 @@ class _GatedStep(torch.autograd.Function):
             gate.relu_()
             torch.addcmul(b_mag[:, None, :], shared, exp_r[:, None, :], out=codes).relu_().mul_(open_)
             gate_sum, fires = gate.sum(1), (codes > 0).sum(1)
-        x_hat = mm.baddbmm(b_dec[:, None, :], codes, W_dec)
-        x_aux = mm.baddbmm(b_dec.detach()[:, None, :], gate, W_dec.detach())  # the frozen decoder
+        bias = None if b_out is None else b_out[:, None, :]
+        x_hat = mm.baddbmm(bias, codes, W_dec)
+        x_aux = mm.baddbmm(None if bias is None else bias.detach(), gate, W_dec.detach())  # the frozen decoder
         l1 = (gate_sum * weights).sum(-1) / B
         l0 = fires.sum(-1).to(b_gate.dtype) / B
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center, ctx.fused = cache.generation, cache, sae.centers_input, fused
-        ctx.precision = mm
+        ctx.precision, ctx.has_out_bias = mm, b_out is not None
         ctx.save_for_backward(xc, W_enc, b_gate, exp_r, b_mag, W_dec, weights, shared, gate, codes, gate_sum)
         ctx.mark_non_differentiable(l0)
         return x_hat, x_aux, l1, l0
@@ -156,8 +165,8 @@ class _GatedStep(torch.autograd.Function):
             r_sum, g_b_mag, g_b_gate = (g_codes * shared).sum(1), g_codes.sum(1), g_shared.sum(1)
             g_shared.addcmul_(g_codes, exp_r[:, None, :])  # both paths read W(x − b_dec)
         g_W_enc = mm.bmm(g_shared.mT, xc)
-        g_b_dec = g_xhat.sum(dim=1)
-        if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is Σ g_shared @ W_enc
-            g_b_dec = g_b_dec - torch.bmm((g_b_gate + exp_r * g_b_mag)[:, None, :], W_enc)[:, 0, :]
+        g_b_out = g_xhat.sum(dim=1) if ctx.has_out_bias else None
+        # xc = x − b_center: its gradient summed over the batch is −Σ g_shared @ W_enc
+        g_b_center = -torch.bmm((g_b_gate + exp_r * g_b_mag)[:, None, :], W_enc)[:, 0, :] if ctx.center else None
         g_weights = (g_l1 / B)[:, None] * gate_sum
-        return None, g_W_enc, g_b_gate, r_sum * exp_r, g_b_mag, g_W_dec, g_b_dec, g_weights, None
+        return None, g_W_enc, g_b_gate, r_sum * exp_r, g_b_mag, g_W_dec, g_b_center, g_b_out, g_weights, None

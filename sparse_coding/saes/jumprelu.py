@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
+from sparse_coding.saes.base import SAE, BufferCache, PenaltySAE, TrainOutput
 from sparse_coding.saes.kernels import compiled
+from sparse_coding.saes.shard import LatentShard
 
 
 class JumpReLUSAE(PenaltySAE):
@@ -45,6 +46,7 @@ class JumpReLUSAE(PenaltySAE):
         "decoder_init_norm",
         "decoder_bias",
     )
+    latent_tensors = SAE.latent_tensors + ("threshold", "tokens_since_fired")
 
     def __init__(
         self,
@@ -59,12 +61,13 @@ class JumpReLUSAE(PenaltySAE):
         decoder_bias: bool = True,
         d_out: int | None = None,
         skip: bool = False,
+        shard: LatentShard | None = None,
     ):
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip, shard)
         self.jumprelu_bandwidth, self.jumprelu_init_threshold = jumprelu_bandwidth, jumprelu_init_threshold
         self.jumprelu_pre_act_coef, self.dead_tokens_threshold = jumprelu_pre_act_coef, dead_tokens_threshold
-        self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
-        self.threshold = nn.Parameter(torch.full((self.n_models, d_sae), float(jumprelu_init_threshold)))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, self.d_local, dtype=torch.long))
+        self.threshold = nn.Parameter(torch.full((self.n_models, self.d_local), float(jumprelu_init_threshold)))
         self.init_transposed()
         self._cache = BufferCache()
 
@@ -84,8 +87,17 @@ class JumpReLUSAE(PenaltySAE):
         n_dead = int(dead.sum(-1).max()) if self.jumprelu_pre_act_coef > 0 else 0
         cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :n_dead]  # dead latents first
         x_hat, l0, fires, dead_pre = _JumpReLUStep.apply(
-            x, self.W_enc, self.b_enc, self.decoder(), self.b_dec, self.threshold, cols, self
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.decoder(),
+            self.center_bias(),
+            self.output_bias(),
+            self.threshold,
+            cols,
+            self,
         )
+        x_hat, l0 = self.decoded(x_hat), self.across_latents(l0)
         if self.skip:
             x_hat = x_hat + self.skip_term(x)
         total_variance = (target - target.mean(0)).pow(2).sum()
@@ -97,14 +109,14 @@ class JumpReLUSAE(PenaltySAE):
             really_dead = torch.arange(n_dead, device=x.device) < dead.sum(-1, keepdim=True)  # [M, D]
             weight = (self.decoder_norms().gather(-1, cols) * really_dead)[:, None, :]
             gap = (self.threshold.gather(-1, cols)[:, None, :] - dead_pre).relu()
-            pre_act = self.jumprelu_pre_act_coef * (gap * weight).sum(-1).mean(-1)
+            pre_act = self.jumprelu_pre_act_coef * self.across_latents((gap * weight).sum(-1).mean(-1))
             loss = loss + pre_act
             parts["pre_act"] = pre_act.detach()
         with torch.no_grad():
             self.tokens_since_fired.add_(B).masked_fill_(fires > 0, 0)
         if not stats:
             return TrainOutput(loss)
-        return TrainOutput(loss, {**parts, "dead": dead.sum(-1).float()})
+        return TrainOutput(loss, {**parts, "dead": self.across_latents(dead.sum(-1).float())})
 
     # --- SAELens -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,16 +137,17 @@ class JumpReLUSAE(PenaltySAE):
 class _JumpReLUStep(torch.autograd.Function):
     """The dense JumpReLU SAE forward and backward, [M, B, d_sae] tensors in reused buffers.
 
-    x: [B, d_in] shared by all M models; W_enc, W_dec: [M, d_sae, d_in]; theta: [M, d_sae]; cols: [M, D] latents
-    whose pre-activations the pre-act loss reads. Returns x_hat [M, B, d_in], l0 [M] (mean active latents per
-    token), fires [M, d_sae] (tokens each latent fired on; no gradient) and the pre-activations of cols
+    x: [B, d_in] shared by all M models; W_enc, W_dec: [M, d_sae, d_in]; b_center: the bias subtracted from x;
+    b_out: the bias added to the output (None on a shard, whose output is partial); theta: [M, d_sae]; cols: [M, D]
+    latents whose pre-activations the pre-act loss reads. Returns x_hat [M, B, d_in], l0 [M] (mean active latents
+    per token), fires [M, d_sae] (tokens each latent fired on; no gradient) and the pre-activations of cols
     [M, B, D]."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, theta, cols, sae: JumpReLUSAE):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_center, b_out, theta, cols, sae: JumpReLUSAE):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_center[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         mm = sae.precision
         pre = cache.get("pre", (M, B, F_), b_enc)
         mm.baddbmm(b_enc[:, None, :], xc, W_enc.mT, out=pre)
@@ -147,7 +160,7 @@ class _JumpReLUStep(torch.autograd.Function):
             torch.mul(pre, active, out=codes)
             fires = active.sum(1)
         l0 = fires.sum(-1).to(b_enc.dtype) / B
-        x_hat = mm.baddbmm(b_dec[:, None, :], codes, W_dec)
+        x_hat = mm.baddbmm(None if b_out is None else b_out[:, None, :], codes, W_dec)
         dead_pre = pre.gather(-1, cols[:, None, :].expand(M, B, cols.shape[-1]))
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center, ctx.eps = (
@@ -156,7 +169,7 @@ class _JumpReLUStep(torch.autograd.Function):
             sae.centers_input,
             sae.jumprelu_bandwidth,
         )
-        ctx.fused, ctx.precision = fused, mm
+        ctx.fused, ctx.precision, ctx.has_out_bias = fused, mm, b_out is not None
         ctx.save_for_backward(xc, W_enc, W_dec, theta, cols, pre, codes)
         ctx.mark_non_differentiable(fires)
         return x_hat, l0, fires, dead_pre
@@ -184,7 +197,7 @@ class _JumpReLUStep(torch.autograd.Function):
             g.scatter_add_(-1, cols[:, None, :].expand(M, B, cols.shape[-1]), g_dead_pre)
             g_b_enc = g_b_enc.scatter_add(-1, cols, g_dead_pre.sum(1))
         g_W_enc = mm.bmm(g.mT, xc)
-        g_b_dec = g_xhat.sum(dim=1)
-        if ctx.center:  # xc = x − b_dec: its gradient summed over the batch is g_b_enc @ W_enc
-            g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_theta, None, None
+        g_b_out = g_xhat.sum(dim=1) if ctx.has_out_bias else None
+        # xc = x − b_center: its gradient summed over the batch is −g_b_enc @ W_enc
+        g_b_center = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_center, g_b_out, g_theta, None, None

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from sparse_coding.errors import ConfigError
-from sparse_coding.saes.base import BufferCache, PenaltySAE, TrainOutput
+from sparse_coding.saes.base import SAE, BufferCache, PenaltySAE, TrainOutput
 from sparse_coding.saes.precision import Precision
+from sparse_coding.saes.shard import LatentShard
 from sparse_coding.saes.sparse import SparseEncode, sparse_decode, split_flat
 
 L1_NORMS = ("dict_size", "none")
@@ -43,6 +44,7 @@ class ReluSAE(PenaltySAE):
     tag_prefix = "l1"
     can_resample = True
     options = ("tied", "l1_norm", "decoder_init_norm", "decoder_bias")
+    latent_tensors = SAE.latent_tensors + ("steps_since_fired",)
     # Below this fraction of positive codes a step runs sparse: the encoder's matmul, then O(entries · d_in) work
     # over the positive codes (saes/sparse.py) instead of four more dense matmuls. Measured here (d_in 512,
     # d_sae 4096, batch 4096, one SAE): dense 0.70-0.76 s a step; sparse 0.41 s at L0 152 (3.7 %), 1.03 s at L0 598
@@ -60,6 +62,7 @@ class ReluSAE(PenaltySAE):
         decoder_bias: bool = True,
         d_out: int | None = None,
         skip: bool = False,
+        shard: LatentShard | None = None,
     ):
         """l1_norm: 'dict_size' divides the L1 term by d_sae (as the original toy code did, so one l1 grid
         suits every dictionary size); 'none' uses the plain sum over features."""
@@ -69,19 +72,24 @@ class ReluSAE(PenaltySAE):
             raise ValueError("a tied relu SAE keeps unit-norm decoder rows (decoder_init_norm must be 0)")
         if tied and d_out is not None:
             raise ConfigError("--tied does not apply to transcoders: the encoder reads another space than the decoder")
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip, shard)
         self.tied, self.l1_norm = tied, l1_norm
-        self.register_buffer("steps_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
+        self.register_buffer("steps_since_fired", torch.zeros(self.n_models, self.d_local, dtype=torch.long))
         with torch.no_grad():
             if self.free_decoder:  # SAELens' standard init; b_enc stays 0, and b_dec too (init_b_dec)
                 self.init_transposed()
-            else:  # as the original: orthogonal decoder, nn.Linear's default encoder init
+            else:  # as the original: orthogonal decoder (per block of latents), nn.Linear's default encoder init
                 bound = d_in**-0.5
-                for m in range(self.n_models):
-                    nn.init.orthogonal_(self.W_dec[m])
+
+                def uniform(t: Tensor, g: torch.Generator) -> None:
+                    t.uniform_(-bound, bound, generator=g)
+
+                self.W_dec.copy_(
+                    self.init_rows("W_dec", (self.d_out,), lambda t, g: nn.init.orthogonal_(t, generator=g))
+                )
                 self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-                self.W_enc.uniform_(-bound, bound)
-                self.b_enc.uniform_(-bound, bound)
+                self.W_enc.copy_(self.init_rows("W_enc", (d_in,), uniform))
+                self.b_enc.copy_(self.init_rows("b_enc", (), uniform))
         if tied:
             del self.W_enc  # the encoder is the decoder's transpose; nothing separate to learn
         self._cache = BufferCache()
@@ -110,19 +118,25 @@ class ReluSAE(PenaltySAE):
         M, B = self.n_models, x.shape[0]
         with torch.no_grad():  # the codes first (their gradients come from the step below), to choose its path
             xc = self.center(x)
-            codes = self._cache.get("codes", (M, B, self.d_sae), self.b_enc)
+            codes = self._cache.get("codes", (M, B, self.d_local), self.b_enc)
             self.precision.baddbmm(self.b_enc[:, None, :], xc, self.encoder().mT, out=codes)
             codes.relu_()
+        bias = self.output_bias()
         if self.runs_sparse(codes):
-            vals, idx, _, _ = SparseEncode.apply(x, self.encoder(), self.b_enc, self.b_dec, self, None, 0, codes)
-            rows, lat = split_flat(idx, self.d_sae)
-            x_hat = sparse_decode(vals, lat, self.decoder(), rows, B) + self.b_dec[:, None, :]
+            vals, idx, _, _ = SparseEncode.apply(
+                x, self.encoder(), self.b_enc, self.center_bias(), self, None, 0, codes
+            )
+            rows, lat = split_flat(idx, self.d_local)
+            x_hat = sparse_decode(vals, lat, self.decoder(), rows, B)
+            x_hat = self.decoded(x_hat if bias is None else x_hat + bias[:, None, :])
             l1 = (vals if weights is None else vals * weights.gather(-1, lat)).sum(-1) / B
         else:
             x_hat, l1 = _ReluSAEStep.apply(
-                xc, codes, self.encoder(), self.b_enc, self.decoder(), self.b_dec, weights,
+                xc, codes, self.encoder(), self.b_enc, self.decoder(), self.center_bias(), bias, weights,
                 self.centers_input, self._cache, self.precision,
             )  # fmt: skip
+            x_hat = self.decoded(x_hat)
+        l1 = self.across_latents(l1)
         if self.skip:
             x_hat = x_hat + self.skip_term(x)
         mse = (x_hat - (x if target is None else target)).pow(2).mean(dim=(1, 2))
@@ -133,7 +147,7 @@ class ReluSAE(PenaltySAE):
         if not stats:  # L0 is an extra read of the codes; the trainer asks only when it logs
             return TrainOutput(loss)
         with torch.no_grad():
-            l0 = torch.count_nonzero(codes, dim=-1).float().mean(-1)
+            l0 = self.across_latents(torch.count_nonzero(codes, dim=-1).float().mean(-1))
         return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "l0": l0})
 
     def runs_sparse(self, codes: Tensor) -> bool:
@@ -143,7 +157,10 @@ class ReluSAE(PenaltySAE):
         if self.precision.low is not None:
             return False
         sample = codes[:, :: max(1, codes.shape[1] // 64)]
-        return int(torch.count_nonzero(sample)) < self.sparse_below * sample.numel()
+        nonzero = torch.count_nonzero(sample).reshape(1)
+        if self.shard is not None:  # every shard takes the path the whole dictionary's codes choose
+            self.shard.all_reduce_(nonzero)
+        return int(nonzero) < self.sparse_below * sample.numel() * (self.shard.world if self.shard else 1)
 
     def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """codes [M, B, d_sae] (ReLU'd; no bias) → their positive entries (values, flat indices) [M, N] in
@@ -162,20 +179,29 @@ class ReluSAE(PenaltySAE):
 
     @torch.no_grad()
     def resample(self, x: Tensor, window: int, generator: torch.Generator) -> Tensor:
-        """Anthropic's recipe (module docstring) on inputs x [N, d_in]; gives the mask of resampled latents."""
+        """Anthropic's recipe (module docstring) on inputs x [N, d_in]; gives the mask of resampled latents. On a
+        shard every rank draws the whole dictionary's picks (same generator, same losses) and takes its own, so the
+        result is the unsharded one."""
         dead = self.steps_since_fired >= window
-        if not dead.any():
+        counts = dead.sum(-1)[None]  # [shards, M]: dead latents per shard
+        if self.shard is not None:
+            counts = self.shard.all_gather(counts[0])
+        if not counts.any():
             return dead
         sq_err = torch.cat([(self.decode(self.encode(xb)) - xb).pow(2).sum(-1) for xb in x.split(4096)], dim=1)
-        for m in torch.nonzero(dead.any(-1)).flatten().tolist():
+        first = counts[: self.shard.rank].sum(0) if self.shard is not None else torch.zeros_like(counts[0])
+        for m in torch.nonzero(counts.sum(0)).flatten().tolist():
             rows = dead[m]
-            picks = torch.multinomial(sq_err[m].pow(2), int(rows.sum()), replacement=True, generator=generator)
-            direction = x[picks] - self.b_dec[m]
+            picks = torch.multinomial(sq_err[m].pow(2), int(counts[:, m].sum()), replacement=True, generator=generator)
+            direction = x[picks[int(first[m]) : int(first[m]) + int(rows.sum())]] - self.b_dec[m]
             direction /= direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             self.W_dec[m, rows] = direction * (self.decoder_init_norm if self.free_decoder else 1.0)
             if not self.tied:
                 alive = self.W_enc[m, ~rows].norm(dim=-1)
-                self.W_enc[m, rows] = direction * 0.2 * (alive.mean() if alive.numel() else 1.0)
+                total = torch.stack([alive.sum(), torch.tensor(float(alive.numel()), device=alive.device)])
+                if self.shard is not None:
+                    self.shard.all_reduce_(total)
+                self.W_enc[m, rows] = direction * 0.2 * (total[0] / total[1] if total[1] > 0 else 1.0)
             self.b_enc[m, rows] = 0.0
         self.steps_since_fired.masked_fill_(dead, 0)
         return dead
@@ -194,17 +220,19 @@ class _ReluSAEStep(torch.autograd.Function):
     the ReLU, L1 and bias gradients folded into in-place passes; four matmuls are all that is left of note.
 
     xc: [M, B, d_in], the (centred) input; codes: [M, B, d_sae] = ReLU(xc W_encᵀ + b_enc), computed by the caller
-    without a graph (a buffer, valid until the next step); this Function gives W_enc, b_enc (and b_dec, through xc)
-    their gradients. W_dec: [M, d_sae, d_out]; weights: [M, d_sae] or None (each latent's L1 weight, its decoder norm
-    with a free decoder). Returns x_hat [M, B, d_out] and l1 [M] (mean over the batch of the summed, weighted codes).
+    without a graph (a buffer, valid until the next step); this Function gives W_enc, b_enc (and b_center, the bias
+    xc had subtracted) their gradients. W_dec: [M, d_sae, d_out]; b_out: the bias added to the output (None on a
+    shard, whose output is partial); weights: [M, d_sae] or None (each latent's L1 weight, its decoder norm with a
+    free decoder). Returns x_hat [M, B, d_out] and l1 [M] (mean over the batch of the summed, weighted codes).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, xc, codes, W_enc, b_enc, W_dec, b_dec, weights, center: bool, cache: BufferCache, precision: Precision
-    ):
+        ctx, xc, codes, W_enc, b_enc, W_dec, b_center, b_out, weights, center: bool, cache: BufferCache,
+        precision: Precision,
+    ):  # fmt: skip
         B = xc.shape[1]
-        x_hat = precision.baddbmm(b_dec[:, None, :], codes, W_dec)
+        x_hat = precision.baddbmm(None if b_out is None else b_out[:, None, :], codes, W_dec)
         if weights is None:
             l1 = codes.sum(dim=(1, 2)) / B  # codes ≥ 0, so the sum is the L1 norm
             code_sums = None
@@ -213,6 +241,7 @@ class _ReluSAEStep(torch.autograd.Function):
             l1 = (code_sums * weights).sum(-1) / B
         cache.generation += 1
         ctx.generation, ctx.cache, ctx.center, ctx.precision = cache.generation, cache, center, precision
+        ctx.has_out_bias = b_out is not None
         ctx.save_for_backward(xc, W_enc, W_dec, codes, weights, code_sums)
         return x_hat, l1
 
@@ -235,7 +264,7 @@ class _ReluSAEStep(torch.autograd.Function):
         g_W_enc = mm.bmm(g_codes.mT, xc)
         g_b_enc = g_codes.sum(dim=1)
         g_W_dec = mm.bmm(codes.mT, g_xhat)
-        g_b_dec = g_xhat.sum(dim=1)
-        if ctx.center:  # xc = x - b_dec: its gradient summed over the batch is g_b_enc @ W_enc
-            g_b_dec = g_b_dec - torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :]
-        return None, None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_weights, None, None, None
+        g_b_out = g_xhat.sum(dim=1) if ctx.has_out_bias else None
+        # xc = x - b_center: its gradient summed over the batch is -g_b_enc @ W_enc
+        g_b_center = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
+        return None, None, g_W_enc, g_b_enc, g_W_dec, g_b_center, g_b_out, g_weights, None, None, None

@@ -70,19 +70,26 @@ class _DecoderGrad(torch.autograd.Function):
 
 def top_dead(pre: Tensor, dead: Tensor, k_aux: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """pre (+ bias): [M, B, d_sae], dead: [M, d_sae] → the k_aux largest pre-activations among each model's
-    dead latents (ReLU'd; 0 where a model has fewer than k_aux), sorted, and their latent indices, [M, B, k_aux].
-    Gathers the dead columns first, so a handful of dead latents costs a handful of columns, not a pass over
-    all of pre."""
-    M, B, _ = pre.shape
+    dead latents (ReLU'd; 0 at latent 0 where a model has fewer than k_aux), sorted, and their latent indices,
+    [M, B, k_aux]. Gathers the dead columns first, so a handful of dead latents costs a handful of columns, not a
+    pass over all of pre."""
+    M, B, F_ = pre.shape
     n_dead = dead.sum(-1)
-    D = int(n_dead.max())
+    D = min(max(int(n_dead.max()), k_aux), F_)  # a shard may hold fewer dead latents than the whole asks for
+    vals = pre.new_zeros(M, B, k_aux)
+    idx = torch.zeros(M, B, k_aux, dtype=torch.long, device=pre.device)
+    if int(n_dead.max()) == 0:
+        return vals, idx
     cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :D]  # dead latents first, in order
     sub = pre.gather(-1, cols[:, None, :].expand(M, B, D))
     if bias is not None:
         sub += bias.gather(-1, cols)[:, None, :]
     sub.masked_fill_((torch.arange(D, device=pre.device) >= n_dead[:, None])[:, None, :], float("-inf"))
-    vals, pos = topk_last_dim(sub, k_aux)  # sorted, as TopKSAE.select
-    return vals.relu(), cols.gather(-1, pos.reshape(M, -1)).view(M, B, k_aux)
+    k = min(k_aux, D)
+    top, pos = topk_last_dim(sub, k)  # sorted, as TopKSAE.select
+    vals[..., :k] = top.relu()
+    idx[..., :k] = cols.gather(-1, pos.reshape(M, -1)).view(M, B, k)
+    return vals, idx
 
 
 class SparseEncode(torch.autograd.Function):
@@ -90,14 +97,15 @@ class SparseEncode(torch.autograd.Function):
     dead latents from the same pre-activations) with a backward that touches only the selected entries.
 
     x: [B, d_in] → vals, idx in either layout (see the module docstring), aux_vals, aux_idx [M, B, k_aux].
-    pre: the pre-activations [M, B, d_sae], bias included, where the caller has computed them already (relu chooses
-    its path from them); the encoder forward is then skipped."""
+    b_center: the bias subtracted from x (the SAE's center_bias()). pre: the pre-activations [M, B, d_sae], bias
+    included, where the caller has computed them already (relu chooses its path from them); the encoder forward is
+    then skipped. On a shard of the latents the selections are the global ones (saes/shard.py)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, sae: Any, dead: Tensor | None, k_aux: int, pre: Tensor | None = None):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, b_center, sae: Any, dead: Tensor | None, k_aux: int, pre: Tensor | None = None):  # type: ignore[override]
         cache: BufferCache = sae._cache
         M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_dec[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
+        xc = x.unsqueeze(0) - b_center[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
         bias = None
         if pre is None:
             pre = cache.get("pre", (M, B, F_), b_enc)  # fp32 whatever x's dtype (a bf16 store's, say)
@@ -110,6 +118,8 @@ class SparseEncode(torch.autograd.Function):
         vals, idx = sae.select(pre, bias)
         if dead is not None:
             aux_vals, aux_idx = top_dead(pre, dead, k_aux, bias)
+            if sae.shard is not None:
+                aux_vals, aux_idx = sae.shard.topk_rows(aux_vals, aux_idx, k_aux)
         else:
             aux_vals = x.new_zeros(M, B, 0)
             aux_idx = torch.zeros(M, B, 0, dtype=torch.long, device=x.device)
@@ -138,5 +148,5 @@ class SparseEncode(torch.autograd.Function):
                 lat = torch.cat([lat, aux_idx.reshape(M, -1)], dim=-1)
                 rows = torch.cat([rows, aux_rows], dim=-1)
             g_W_enc, g_b_enc = latent_sum(lat, g, xc, F_, rows=rows)
-        g_b_dec = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
-        return None, g_W_enc, g_b_enc, g_b_dec, None, None, None, None
+        g_b_center = -torch.bmm(g_b_enc[:, None, :], W_enc)[:, 0, :] if ctx.center else None
+        return None, g_W_enc, g_b_enc, g_b_center, None, None, None, None

@@ -24,6 +24,7 @@ from torch import Tensor
 from sparse_coding.errors import ConfigError
 from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
 from sparse_coding.saes.kernels import topk_last_dim
+from sparse_coding.saes.shard import LatentShard
 from sparse_coding.saes.sparse import SparseEncode, sparse_decode
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class TopKSAE(SAE):
     knob = "k"
     options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias", "decoder_init_norm")
     lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
+    latent_tensors = SAE.latent_tensors + ("tokens_since_fired",)
 
     # FVU's gradient norm falls ~50x over the first ~50 steps (0.64 -> 0.012 on the tiny model's MLP). Unclipped,
     # those first gradients dominate Adam's second moment (β2 0.999 remembers ~1000 steps) and shrink every later
@@ -56,15 +58,16 @@ class TopKSAE(SAE):
         decoder_init_norm: float = 0.0,
         d_out: int | None = None,
         skip: bool = False,
+        shard: LatentShard | None = None,
     ):
         ks = [int(h["k"]) for h in hparams]
         if not all(0 < k <= d_sae for k in ks):
             raise ValueError(f"every k must be in 1..d_sae={d_sae}, got {ks}")
-        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip)
+        super().__init__(d_in, d_sae, hparams, decoder_bias, decoder_init_norm, d_out, skip, shard)
         self.ks, self.k_max = ks, max(ks)
         self.auxk_alpha, self.dead_tokens_threshold = auxk_alpha, dead_tokens_threshold
         self.register_buffer("k", torch.tensor(ks))
-        self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, d_sae, dtype=torch.long))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.n_models, self.d_local, dtype=torch.long))
         self.init_transposed()
         self._cache = BufferCache()
 
@@ -102,18 +105,21 @@ class TopKSAE(SAE):
         zero past each model's k."""
         # Sorted, so rank r is kept by model m when r < k[m], and an SAE sums its latents in the same order
         # whichever other k share its stack: results do not depend on the stacking.
-        vals, idx = topk_last_dim(pre, self.k_max, bias)
+        vals, idx = topk_last_dim(pre, min(self.k_max, self.d_local), bias)
+        if self.shard is not None:  # the exact global top-k; entries on other shards come back as zeros
+            vals, idx = self.shard.topk_rows(vals, idx, self.k_max)
         vals = vals.relu()
         if any(k != self.k_max for k in self.ks):
             vals = vals * (torch.arange(self.k_max, device=pre.device) < self.k[:, None, None])
         return vals, idx
 
     def encode(self, x: Tensor) -> Tensor:
-        vals, idx = self.select(self.pre_acts(x))
-        return torch.zeros(*vals.shape[:2], self.d_sae, device=x.device, dtype=vals.dtype).scatter_(-1, idx, vals)
+        vals, idx = self.select(self.pre_acts(x))  # added, not scattered: a shard's zero entries share latent 0
+        return torch.zeros(*vals.shape[:2], self.d_local, device=x.device, dtype=vals.dtype).scatter_add_(-1, idx, vals)
 
     def decode_entries(self, vals: Tensor, idx: Tensor, n_tokens: int) -> Tensor:
-        """The selected entries (either layout, see saes/sparse.py) → their reconstruction [M, B, d_in], no bias."""
+        """The selected entries (either layout, see saes/sparse.py) → their reconstruction [M, B, d_in], no bias;
+        on a shard, this shard's part of it."""
         return sparse_decode(vals, idx, self.decoder())
 
     def latents(self, idx: Tensor) -> Tensor:
@@ -126,7 +132,7 @@ class TopKSAE(SAE):
         """Gives the reconstruction term of the loss [M] against x ([B, d_out], or [M, B, d_out]: what the decoder
         should output), the full reconstruction's error [M, B, d_out] (AuxK's target) and the term's parts for
         the training log: here FVU, the squared error over total_variance (the target's)."""
-        err = self.decode_entries(vals, idx, x.shape[-2]) + self.b_dec[:, None, :] - x
+        err = self.across_latents(self.decode_entries(vals, idx, x.shape[-2])) + self.b_dec[:, None, :] - x
         sq_err = err.pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
         return fvu, err, {"mse": sq_err.detach() / err[0].numel(), "fvu": fvu.detach()}
@@ -136,7 +142,7 @@ class TopKSAE(SAE):
         """Restarts the silence count of every latent a token's code used (vals: the selected values)."""
         # Counts, not a boolean scatter: a latent chosen by several tokens, positive for some and zero for
         # others, must come out as fired whichever write lands last.
-        fires = torch.zeros(self.n_models, self.d_sae, device=vals.device, dtype=torch.float32)
+        fires = torch.zeros(self.n_models, self.d_local, device=vals.device, dtype=torch.float32)
         lat = self.latents(idx).reshape(self.n_models, -1)
         fired = fires.scatter_add_(-1, lat, (vals > 0).reshape(self.n_models, -1).float()) > 0
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
@@ -144,18 +150,20 @@ class TopKSAE(SAE):
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         M, B = self.n_models, x.shape[0]
         target = x if target is None else target
-        dead = self.tokens_since_fired >= self.dead_tokens_threshold  # [M, d_sae]
+        dead = self.tokens_since_fired >= self.dead_tokens_threshold  # [M, d_local]
         n_dead = dead.sum(-1)
+        if self.shard is not None:
+            n_dead = self.shard.all_reduce_(n_dead.clone())
         k_aux = min(self.d_out // 2, int(n_dead.max()))
         vals, idx, aux_vals, aux_idx = SparseEncode.apply(
-            x, self.encoder(), self.encoder_bias(), self.b_dec, self, dead if k_aux > 0 else None, k_aux
+            x, self.encoder(), self.encoder_bias(), self.center_bias(), self, dead if k_aux > 0 else None, k_aux
         )
         total_variance = (target - target.mean(0)).pow(2).sum()  # (torch's var over dim 0 is ~6x slower here)
         # A skip transcoder's latents reconstruct what its linear path leaves: error = decode + skip - target.
         rest = target - self.skip_term(x) if self.skip else target
         loss, err, parts = self.reconstruction_loss(rest, vals, idx, total_variance)
         if k_aux > 0:
-            e_hat = sparse_decode(aux_vals, aux_idx, self.decoder())
+            e_hat = self.across_latents(sparse_decode(aux_vals, aux_idx, self.decoder()))
             auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
             scale = (n_dead.float() / (self.d_out // 2)).clamp(max=1.0)
             loss = loss + self.auxk_alpha * scale * auxk
@@ -163,6 +171,6 @@ class TopKSAE(SAE):
         self.record_firing(vals.detach(), idx, B)
         if not stats:
             return TrainOutput(loss)
-        parts["l0"] = (vals > 0).reshape(M, -1).sum(-1).float() / B
+        parts["l0"] = self.across_latents((vals > 0).reshape(M, -1).sum(-1).float()) / B
         parts["dead"] = n_dead.float()  # latents AuxK counts as dead at this step
         return TrainOutput(loss, parts)

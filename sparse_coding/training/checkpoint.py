@@ -36,6 +36,22 @@ def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = RESUMAB
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checkpoint_dir(root: Path, rank: int, world: int) -> Path:
+    """Where one process keeps its checkpoint: root itself, or root/rank<r> when several processes each keep one."""
+    return root / f"rank{rank}" if world > 1 else root
+
+
+def check_world(root: Path, world: int) -> None:
+    """Raises CheckpointError if the checkpoint under root was written by another number of processes (each kept
+    its own part of the state, so it resumes only with as many)."""
+    written = 1 if (root / STATE_JSON).is_file() else len([p for p in root.glob("rank*") if (p / STATE_JSON).is_file()])
+    if written and written != world:
+        raise CheckpointError(
+            f"the checkpoint in {root} was written by {written} process{'es' if written > 1 else ''} and this run "
+            f"has {world}; resume it with the same number (torchrun --nproc_per_node {written}), or use another --out"
+        )
+
+
 def check_resumable(ckpt_dir: Path, fingerprint: str) -> None:
     """Raises CheckpointError if ckpt_dir holds a checkpoint made with other settings; call it before writing
     anything into a run folder, so a refused rerun leaves the folder as it was."""

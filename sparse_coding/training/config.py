@@ -4,6 +4,7 @@ optimiser and the checkpoint cadence."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,13 @@ from sparse_coding.saes import SAE, SAES, sae_class
 from sparse_coding.saes.precision import TRAIN_DTYPES
 
 LR_DECAYS = ("linear", "cosine")
+PARALLEL_MODES = ("models", "data", "latents")
+
+
+def torchrun_world() -> int | None:
+    """The number of processes torchrun started (None outside torchrun), read from the environment it sets."""
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world is not None else None
 
 
 @dataclass
@@ -90,6 +98,12 @@ class SweepConfig(Config):
     )
     seed: int = option(0, "random seed of the SAEs' initialisation and of the data order", ge=0)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    parallel: str = option(
+        "models",
+        "under torchrun: 'models' splits the sweep's SAEs over the processes, 'data' splits every batch, 'latents' "
+        "splits every SAE's latents (weights, gradients and Adam state: SAEs bigger than one process)",
+        choices=PARALLEL_MODES,
+    )
 
     def check(self) -> None:
         super().check()
@@ -107,6 +121,11 @@ class SweepConfig(Config):
             raise ConfigError("lr_warmup_steps + lr_decay_steps must not exceed n_steps")
         if self.resample_every and not all(cls.can_resample for cls in self.sae_classes()):
             raise ConfigError("--resample_every: only relu SAEs resample dead latents")
+        if self.parallel == "latents" and torchrun_world() is None:
+            raise ConfigError(
+                "--parallel latents splits one SAE over several processes: start it with torchrun, e.g. "
+                "torchrun --standalone --nproc_per_node 2 <script> ... --parallel latents"
+            )
 
     def arch_names(self) -> list[str]:
         """Gives the architectures of the sweep: `arch` is one name, several joined by commas, or 'all'."""
@@ -152,6 +171,13 @@ class SweepConfig(Config):
             raise ConfigError(f"dictionary ratios give a dictionary of size {min(sizes)}; every size must be ≥ 1")
         if len(set(sizes)) != len(sizes):
             raise ConfigError(f"dictionary sizes repeat ({sizes}); use a larger dict_ratio_exp_base or fewer ratios")
+        world = torchrun_world() or 1
+        if self.parallel == "latents" and any(size % world for size in sizes):
+            uneven = [size for size in sizes if size % world]
+            raise ConfigError(
+                f"--parallel latents over {world} processes needs dictionary sizes divisible by {world}; "
+                f"{', '.join(map(str, uneven))} are not (change the dictionary ratios or the process count)"
+            )
         for cls in self.sae_classes():
             cls.check_sweep(self, sizes)
 

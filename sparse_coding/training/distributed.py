@@ -1,6 +1,6 @@
 """Sweeps over several processes (`torchrun --nproc_per_node=N run.py ...`, one machine or several).
 
-Two ways to split the work, both reading the same activation chunks in the same order on every rank:
+Three ways to split the work, all reading the same activation chunks in the same order on every rank:
 - "models": each rank trains its share of the sweep's SAEs (grid points m ≡ rank mod N, every dictionary size of
   a grid point on the same rank so MMCS with the larger dictionary stays local). Every rank first builds the whole
   sweep from the same seed, then keeps its slice, so each SAE starts, and trains, exactly as in one process.
@@ -10,6 +10,10 @@ Two ways to split the work, both reading the same activation chunks in the same 
   judged on each rank's own tokens; BatchTopK selects the top k·B/N of each rank's slice and each rank keeps its
   own threshold estimate (rank 0's is the one evaluated and saved); JumpReLU's FVU is normalised per slice as
   TopK's is; gated's loss, a mean over the batch like relu's, splits exactly.
+- "latents": every rank holds 1/N of every SAE's latents (saes/shard.py) and sees the whole batch; the result is
+  the one-process result up to float summation order, for every architecture. For SAEs whose weights, gradients
+  and Adam state do not fit one process. Evaluation and saving put each stack back together on rank 0
+  (`gather_stack`): rank 0 then holds the weights of one whole stack, without optimizer state.
 gloo on CPU, nccl on CUDA. Metadata crosses ranks as JSON in uint8 tensors (nothing is pickled).
 """
 
@@ -25,8 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sparse_coding.saes import SAE
-
-PARALLEL_MODES = ("models", "data")
+from sparse_coding.saes.base import uninitialised
+from sparse_coding.saes.shard import LatentShard
 
 
 @dataclass
@@ -97,11 +101,37 @@ def my_models(n_models: int, info: DistInfo) -> list[int]:
 
 def slice_stack(stack: SAE, models: list[int]) -> SAE:
     """Gives a stack holding only `models` of `stack`, with their parameters, buffers and hyperparameters."""
-    part = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in models], **stack.stack_options())
+    with uninitialised():
+        part = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in models], **stack.stack_options())
     index = torch.tensor(models, device=stack.W_dec.device)
     part.load_state_dict({k: v.index_select(0, index) for k, v in stack.state_dict().items()})
     part.precision = stack.precision
     return part.to(stack.W_dec.device)
+
+
+def latent_shard(d_sae: int, info: DistInfo) -> LatentShard:
+    """This rank's share of a dictionary of d_sae latents ('latents' mode)."""
+    return LatentShard(info.rank, info.world, d_sae)
+
+
+def gather_stack(stack: SAE) -> SAE | None:
+    """Puts a latent-sharded stack back together on rank 0 (None on the other ranks, which must call it too): the
+    whole stack, unsharded, as one process would have trained it. One tensor at a time, weights and buffers only."""
+    shard = stack.shard
+    if shard is None:
+        return stack
+    state = {
+        name: shard.gather_to_main(t, dim=1) if name in stack.latent_tensors else t
+        for name, t in stack.state_dict().items()
+    }
+    if shard.rank != 0:
+        return None
+    options = {k: v for k, v in stack.stack_options().items() if k != "shard"}
+    with uninitialised():
+        whole = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in range(stack.n_models)], **options)
+    whole.load_state_dict(state)
+    whole.precision, whole.sparsity_scale = stack.precision, stack.sparsity_scale
+    return whole.to(stack.W_dec.device)
 
 
 def average_tensors(tensors: list[Tensor], info: DistInfo) -> None:

@@ -14,13 +14,14 @@ FLOAT_BYTES = 4
 GiB = 2**30
 
 
-def sweep_memory_bytes(cfg: SweepConfig, d_in: int) -> int:
-    """Gives an upper estimate of the memory training takes: every parameter four times (value, gradient, Adam's
-    two moments) and, per stack, three [n_models, batch, d_sae] tensors (the codes or pre-activations of a step,
-    their gradient, and one more for evaluation), all in fp32."""
+def sweep_memory_bytes(cfg: SweepConfig, d_in: int, shards: int = 1) -> int:
+    """Gives an upper estimate of the memory training takes in one process: every parameter four times (value,
+    gradient, Adam's two moments) and, per stack, three [n_models, batch, d_sae] tensors (the codes or
+    pre-activations of a step, their gradient, and one more for evaluation), all in fp32. With the latents split
+    over `shards` processes each holds that share of every per-latent tensor; b_dec is whole on each."""
     sizes, n_models = cfg.dict_sizes(d_in), n_grid_points(cfg)
-    params = sum(n_models * (2 * f * d_in + f + d_in) for f in sizes)
-    scratch = sum(3 * n_models * cfg.batch_size * f for f in sizes)
+    params = sum(n_models * ((2 * f * d_in + f) // shards + d_in) for f in sizes)
+    scratch = sum(3 * n_models * cfg.batch_size * f // shards for f in sizes)
     return FLOAT_BYTES * (4 * params + scratch)
 
 
@@ -36,15 +37,21 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_sweep_fits(cfg: SweepConfig, d_in: int, device: torch.device) -> str:
-    """Raises ConfigError when the sweep's estimated memory exceeds the device's; gives a one-line summary for the
-    run's header."""
-    need, have = sweep_memory_bytes(cfg, d_in), device_memory_bytes(device)
+def check_sweep_fits(cfg: SweepConfig, d_in: int, device: torch.device, shards: int = 1) -> str:
+    """Raises ConfigError when the sweep's estimated memory (per process, its latents split over `shards`) exceeds
+    the device's; gives a one-line summary for the run's header."""
+    need, have = sweep_memory_bytes(cfg, d_in, shards), device_memory_bytes(device)
     sizes = cfg.dict_sizes(d_in)
     what = f"{n_grid_points(cfg) * len(sizes)} SAEs of d_in {d_in}, d_sae {min(sizes)}..{max(sizes)}"
+    if shards > 1:
+        what += f", latents split over {shards} processes"
     if need > have:
         raise ConfigError(
             f"the sweep needs about {need / GiB:.1f} GiB ({what}, batch {cfg.batch_size}) but {device} has "
             f"{have / GiB:.1f} GiB; use fewer or smaller dictionaries (dict_ratio_exp_high) or a smaller batch_size"
         )
-    return f"{what}: about {need / GiB:.2f} GiB for weights, Adam and step buffers ({have / GiB:.0f} GiB on {device})"
+    each = " per process" if shards > 1 else ""
+    return (
+        f"{what}: about {need / GiB:.2f} GiB{each} for weights, Adam and step buffers "
+        f"({have / GiB:.0f} GiB on {device})"
+    )

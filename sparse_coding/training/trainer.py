@@ -18,6 +18,7 @@ from sparse_coding.saes import SAE
 from sparse_coding.saes.precision import Precision
 from sparse_coding.training.checkpoint import load_checkpoint, save_checkpoint
 from sparse_coding.training.config import SweepConfig
+from sparse_coding.training.distributed import DistInfo, latent_shard
 from sparse_coding.training.schedule import Schedule, input_scale
 
 # Per stack, per model [M]: the loss and its parts (mse, l0, l1 or fvu/auxk, ...), as the SAE gives them.
@@ -25,11 +26,16 @@ StepLog = list[dict[str, Tensor]]
 
 
 def build_stacks(
-    cfg: SweepConfig, d_in: int, device: torch.device, d_out: int | None = None, skip: bool = False
+    cfg: SweepConfig,
+    d_in: int,
+    device: torch.device,
+    d_out: int | None = None,
+    skip: bool = False,
+    info: DistInfo | None = None,
 ) -> list[SAE]:
     """Gives one stack per architecture and dictionary size (architecture-major, smallest size first), each
     holding every grid point's SAE (transcoders to width d_out, with a skip connection if asked, when d_out is
-    given)."""
+    given); under --parallel latents (info: this process's place) only this process's share of the latents."""
     torch.manual_seed(cfg.seed)
     classes = cfg.sae_classes()
     shape: dict[str, Any] = {}
@@ -38,11 +44,15 @@ def build_stacks(
             if not cls.trains_transcoders():
                 raise ConfigError(f"architecture {cls.architecture!r} does not train as a transcoder yet")
         shape = {"d_out": d_out, "skip": skip}
+    sharded = info is not None and info.active and cfg.parallel == "latents"
     stacks = [
-        cls(d_in, size, cfg.hparam_grid(cls), **cfg.sae_options(cls), **shape).to(device)
+        cls(
+            d_in, size, cfg.hparam_grid(cls), **cfg.sae_options(cls), **shape,
+            **({"shard": latent_shard(size, info)} if sharded and info is not None else {}),
+        ).to(device)
         for cls in classes
         for size in cfg.dict_sizes(d_in)
-    ]
+    ]  # fmt: skip
     for s in stacks:
         s.precision = Precision(cfg.train_dtype)
     return stacks
