@@ -1,7 +1,10 @@
 """PrecisionCheck: runs a fast-path-against-dense-autograd test in fp32, bf16 or fp16 (tests/saes' `train_dtype`).
 
-The dense references call the SAE's own `pre_acts`/`encode`/`decode`, which round their operands exactly as the fast
-path's forward does (saes/precision.py), so the losses agree to float64 accuracy. The gradients cannot agree
+On a CPU the low precision is emulated here whatever the CPU has (rounded operands, exact products), so the test
+checks the math alike on every machine; a CPU with bf16 units also rounds each product, which
+tests/saes/test_precision.py checks on its own. On CUDA the native path runs. The dense references call the SAE's
+own `pre_acts`/`encode`/`decode`, which round their operands exactly as the fast path's forward does
+(saes/precision.py), so the losses agree to float64 accuracy. The gradients cannot agree
 exactly: the fast backward rounds its operands (the output's gradient, the codes' gradient) too, where autograd of
 the rounded forward passes them unrounded. Their difference is a few units of the low precision's rounding, so
 the low-precision gradients are compared by relative norm, with a bound of about three units of rounding error."""
@@ -25,6 +28,8 @@ class PrecisionCheck:
         self.name, self.precision = name, Precision(name)
 
     def apply(self, sae: SAE) -> SAE:
+        on_cpu = sae.W_dec.device.type == "cpu"
+        self.precision = Precision(self.name, native=False if on_cpu and self.name != "fp32" else None)
         sae.precision = self.precision
         return sae
 
