@@ -165,6 +165,8 @@ CASES = [
         "longer than",
     ),
     ("run", ["{args}", "--parallel", "bogus"], "parallel must be one of models, data"),
+    ("run", ["{args}", "--activations", "stream"], "--activations stream writes no store and reads none"),
+    ("run", ["{args}", "--activations", "tape"], "activations must be one of disk, stream"),
     ("run", ["{args}", "--activation_dtype", "fp8"], "activation_dtype must be one of"),
     ("run", ["{args}", "--load_autoencoders", "{root}/nope", "--out", "{root}/o9"], "--load_autoencoders"),
     ("run", ["{args}", "--activations_dir", "{root}/a_file/store", "--out", "{root}/o10"], "a_file"),

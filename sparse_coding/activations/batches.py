@@ -1,8 +1,13 @@
-"""Training batches from stored activation chunks, shuffled across chunks and resumable."""
+"""Training batches from stored activation chunks, shuffled across chunks and resumable; and what a sweep takes from
+a store: its held-out chunks and its training batches (StoredActivations; streaming.py's StreamedActivations is the
+same for activations computed as training goes)."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,3 +87,51 @@ class ChunkSource:
 
     def set_state(self, state: dict[str, Tensor]) -> None:
         self.epoch, self.group, self.offset = (int(v) for v in state["position"].tolist())
+
+
+@dataclass
+class HeldOut:
+    """A sweep's held-out data: rows x [N, width] as the trainer takes them, the token rows they come from [R, T]
+    (None for your own files without context rows) and the token positions they span, excluded special tokens
+    included (as SAELens' token_stats count them)."""
+
+    x: Tensor
+    tokens: Tensor | None
+    positions: int
+
+
+@dataclass
+class StoredActivations:
+    """A store as one sweep uses it: its first n_chunks chunks, the last n_eval of them held out."""
+
+    data: ActivationDataset
+    n_chunks: int
+    n_eval: int
+
+    @property
+    def d(self) -> int:
+        return self.data.d
+
+    @property
+    def d_out(self) -> int | None:
+        return self.data.d_out
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.data.manifest
+
+    @property
+    def folder(self) -> Path | None:
+        return self.data.folder
+
+    def held_out(self, device: torch.device) -> HeldOut:
+        chunks = [self.data.load_chunk(i) for i in range(self.n_chunks - self.n_eval, self.n_chunks)]
+        x = torch.cat([training_rows(c) for c in chunks]).to(device)
+        with_rows = all(c.tokens is not None and c.tokens.dim() == 2 for c in chunks)
+        tokens = torch.cat([c.tokens for c in chunks]).long() if with_rows else None  # type: ignore[misc]
+        positions = sum(c.tokens.numel() if c.tokens is not None and c.tokens.dim() == 2 else len(c.activations)
+                        for c in chunks)  # fmt: skip
+        return HeldOut(x, tokens, positions)
+
+    def batches(self, seed: int, device: torch.device, mix_chunks: int) -> ChunkSource:
+        return ChunkSource(self.data, list(range(self.n_chunks - self.n_eval)), seed, device, mix_chunks)

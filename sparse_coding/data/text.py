@@ -12,6 +12,7 @@ parsed whole; .jsonl and .parquet files are read record by record.
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -40,9 +41,11 @@ def local_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_documents(name: str, text_field: str = "text", split: str = "train", max_docs: int = 0) -> Iterator[str]:
+def iter_documents(
+    name: str, text_field: str = "text", split: str = "train", max_docs: int = 0, skip: int = 0
+) -> Iterator[str]:
     """Yields the non-empty documents of a hub data set (by name) or of local files (by path), in order, at most
-    max_docs of them (0: all)."""
+    max_docs of them (0: all), after the first `skip` (read and dropped: a resumed stream's way back to its place)."""
     path = Path(name).expanduser()
     if path.exists():
         docs = (doc for f in local_files(path) for doc in _read_file(f, text_field))
@@ -51,7 +54,7 @@ def iter_documents(name: str, text_field: str = "text", split: str = "train", ma
     else:
         docs = _read_hub(name, text_field, split)
     docs = (d for d in docs if d)
-    return islice(docs, max_docs) if max_docs else docs
+    return islice(docs, skip, max_docs or None)
 
 
 def _read_file(f: Path, field: str) -> Iterator[str]:
@@ -139,7 +142,9 @@ class TokenStream:
     """Documents → token ids with the separator after each document → rows of max_length tokens, on demand.
 
     Tokenizes TOKENIZE_BATCH documents at a time and holds only what is not yet handed out, so memory does not
-    grow with the corpus. Counts what it has read: documents, their UTF-8 bytes and the tokens they gave."""
+    grow with the corpus. Counts what it has read: documents, their UTF-8 bytes and the tokens they gave. Knows its
+    place (`position`: the document the next id comes from, and how far into its ids), so a stream made from the
+    documents after that one (`iter_documents(..., skip=doc)`) with `offset` continues exactly where it stood."""
 
     def __init__(
         self,
@@ -148,27 +153,50 @@ class TokenStream:
         separator_id: int,
         max_length: int,
         name: str = "the text",
+        start: tuple[int, int] = (0, 0),
     ):
-        """name: the data set's name, for the error when it holds no document at all."""
+        """name: the data set's name, for the error when it holds no document at all. start: (document, offset) of
+        the first id when docs begin at that document (a resumed stream): its first `offset` ids are dropped."""
         if max_length <= 0:
             raise ValueError("max_length must be positive")
         self._docs, self._encode, self.name = iter(docs), encode_batch, name
         self.separator_id, self.max_length = separator_id, max_length
         self._buffer: list[int] = []
-        self._start = 0  # ids before it are handed out
-        self.n_docs = self.n_bytes = self.n_tokens = self.n_rows = 0
+        self._start = start[1]  # ids before it are handed out
+        self._doc_starts: list[int] = []  # where each document still in the buffer begins in it
+        self._first_doc = start[0]  # the index of the first of them in the whole text
+        self.n_docs, self.n_bytes, self.n_tokens, self.n_rows = start[0], 0, 0, 0
 
     @property
     def bytes_per_token(self) -> float:
         return self.n_bytes / max(1, self.n_tokens)
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(document, offset): the next id handed out is the offset-th of that document's ids (separator last)."""
+        if not self._doc_starts or self._start >= len(self._buffer):
+            return self.n_docs, self._start - len(self._buffer)
+        i = bisect_right(self._doc_starts, self._start) - 1
+        return self._first_doc + i, self._start - self._doc_starts[i]
+
     def _read_batch(self) -> bool:
         docs = list(islice(self._docs, TOKENIZE_BATCH))
         if not docs:
             return False
-        del self._buffer[: self._start]
-        self._start = 0
+        if self._doc_starts and self._start >= len(self._buffer):  # everything handed out
+            self._start -= len(self._buffer)
+            self._buffer, self._doc_starts = [], []
+        elif self._doc_starts:  # keep the document the next id comes from, and what follows it
+            done = bisect_right(self._doc_starts, self._start) - 1
+            self._first_doc += done
+            drop = self._doc_starts[done]
+            del self._buffer[:drop]
+            self._doc_starts = [p - drop for p in self._doc_starts[done:]]
+            self._start -= drop
+        if not self._doc_starts:
+            self._first_doc = self.n_docs
         for doc, ids in zip(docs, self._encode(docs), strict=True):
+            self._doc_starts.append(len(self._buffer))
             self._buffer.extend(ids)
             self._buffer.append(self.separator_id)
             self.n_tokens += len(ids) + 1

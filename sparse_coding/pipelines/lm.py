@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from sparse_coding.activations.batches import StoredActivations
 from sparse_coding.activations.caching import (
     DEFAULT_DATASET,
     DEFAULT_MODEL,
@@ -24,7 +25,8 @@ from sparse_coding.activations.caching import (
     store_specs,
 )
 from sparse_coding.activations.own_files import index_folder, is_own_folder
-from sparse_coding.activations.store import ActivationDataset
+from sparse_coding.activations.store import DTYPES, ActivationDataset
+from sparse_coding.activations.streaming import StreamedActivations
 from sparse_coding.config import option
 from sparse_coding.errors import CheckpointError, ConfigError, UserError
 from sparse_coding.files import write_json
@@ -35,6 +37,8 @@ from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig
 from sparse_coding.training.distributed import gather_json, init_distributed, shutdown
 from sparse_coding.training.memory import check_sweep_fits
 from utils import resolve_device
+
+ACTIVATION_MODES = ("disk", "stream")
 
 
 @dataclass
@@ -50,6 +54,17 @@ class RunConfig(SweepConfig, CacheConfig):
         0.9, "share of features whose best match in the next larger dictionary exceeds this", gt=0, lt=1
     )
     use_wandb: bool = option(False, "log to wandb (key from WANDB_API_KEY or `wandb login`; WANDB_MODE=offline works)")
+    activations: str = option(
+        "disk",
+        "disk: store the activations (--activations_dir), then train (reusable by later sweeps); stream: run the model "
+        "inside the training loop into an in-memory shuffle buffer, nothing written (one long run, or no disk)",
+        choices=ACTIVATION_MODES,
+    )
+    buffer_tokens: int = option(
+        2**17,
+        "--activations stream: activations in the shuffle buffer, refilled half at a time (at most ~1.25x in memory)",
+        gt=0,
+    )
     wandb_project: str = option("sparse_coding", "wandb project name")
     # The sweep, sized for the offline default on 2 cores (minutes): l1 = 10^(e/4), e in -2..1, which spans
     # L0 ≈ 2..60 on the tiny model's MLP neurons; dictionaries 1×, 2×, 4× the activation width. On a GPU and a
@@ -68,11 +83,28 @@ class RunConfig(SweepConfig, CacheConfig):
     def check(self) -> None:
         super().check()
         self.sae_cls  # noqa: B018  (one architecture per run: raises otherwise)
-        self.check_chunks(self.n_chunks)
+        if self.activations == "stream":
+            self.check_stream()
+        else:
+            self.check_chunks(self.n_chunks)
         if self.skip_connection and not self.transcode:
             raise ConfigError("--skip_connection belongs to transcoders; add --transcode")
         if self.resample_every and self.transcode:
             raise ConfigError("--resample_every does not apply to transcoders yet (it resamples towards inputs)")
+
+    def check_stream(self) -> None:
+        """Raises ConfigError for what a streaming run cannot do."""
+        if self.activations_dir:
+            raise ConfigError(
+                "--activations stream writes no store and reads none: drop --activations_dir, or use --activations disk"
+            )
+        if self.buffer_tokens < 4 * self.batch_size:
+            raise ConfigError(
+                f"--buffer_tokens {self.buffer_tokens} holds fewer than 4 batches of {self.batch_size}: each shuffle "
+                "period's pool (half the buffer) must hold at least two; raise it or lower batch_size"
+            )
+        if self.buffer_tokens // 2 < self.max_length:
+            raise ConfigError(f"--buffer_tokens {self.buffer_tokens} is under two context rows of {self.max_length}")
 
     def check_chunks(self, n_chunks: int) -> None:
         """Raises ConfigError if n_chunks chunks cannot be split into held-out and training chunk groups that
@@ -130,7 +162,10 @@ def run_lm(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, An
     info, device = init_distributed(resolve_device(cfg.device))
     run = Run(cfg, out_dir, device, info, progress and info.is_main)
     try:
-        sweeps = load_own_files(run, own) if own is not None else load_and_cache(run)
+        if own is not None:
+            sweeps = load_own_files(run, own)
+        else:
+            sweeps = load_and_stream(run) if cfg.activations == "stream" else load_and_cache(run)
         runs = [run if len(sweeps) == 1 else replace(run, out_dir=hook_folder(out_dir, s.target)) for s in sweeps]
         fingerprints = [fingerprint(r, s) for r, s in zip(runs, sweeps, strict=True)]  # all refused before writing
         if info.is_main:
@@ -161,7 +196,7 @@ def load_own_files(run: Run, folder: Path) -> list[Sweep]:
     data = ActivationDataset.open(folder)
     run.cfg.check_chunks(data.n_chunks)
     check_sweep(run, folder.name, data.d)
-    return [Sweep(None, Target(run.cfg.hook_name), data, data.n_chunks)]
+    return [Sweep(None, Target(run.cfg.hook_name), StoredActivations(data, data.n_chunks, run.cfg.n_eval_chunks))]
 
 
 def load_and_cache(run: Run) -> list[Sweep]:
@@ -174,8 +209,33 @@ def load_and_cache(run: Run) -> list[Sweep]:
     for target, spec in zip(targets, specs, strict=True):
         check_sweep(run, target.name, spec.fields["d"])
     share_errors(run, lambda: prepare_activations(cfg, lm, specs, run.progress))
-    stores = [ActivationDataset.open(s.folder) for s in specs]
-    return [Sweep(lm, t, data, cfg.n_chunks) for t, data in zip(targets, stores, strict=True)]
+    stores = [StoredActivations(ActivationDataset.open(s.folder), cfg.n_chunks, cfg.n_eval_chunks) for s in specs]
+    return [Sweep(lm, t, data) for t, data in zip(targets, stores, strict=True)]
+
+
+def load_and_stream(run: Run) -> list[Sweep]:
+    """Loads the model and resolves the hooks; each sweep will run the model over the text as it trains (nothing is
+    cached). Says what the buffer and the model take, beside the sweep's own estimate."""
+    cfg = run.cfg
+    lm = load_model(run)
+    sweeps = []
+    for target in resolve_targets(cfg, lm):
+        data = StreamedActivations(lm, target.hook, target.target_hook, cfg, run.info)
+        check_sweep(run, target.name, data.d)
+        if run.info.is_main:
+            print(f"streaming: {stream_memory(cfg, lm, data.d + (data.d_out or 0))}")
+        sweeps.append(Sweep(lm, target, data))
+    return sweeps
+
+
+def stream_memory(cfg: RunConfig, lm: LanguageModel, width: int) -> str:
+    """One line: the shuffle buffer's and the model's memory, estimated before training."""
+    buffer = int(1.25 * cfg.buffer_tokens) * width * DTYPES[cfg.activation_dtype].itemsize
+    model = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    return (
+        f"a buffer of {cfg.buffer_tokens} activations ({cfg.activation_dtype}, at most ~{buffer / 2**30:.2f} GiB) and "
+        f"the model ({model / 2**30:.2f} GiB); nothing written to disk"
+    )
 
 
 def check_sweep(run: Run, name: str, d: int) -> None:

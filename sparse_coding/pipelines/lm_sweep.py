@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sparse_coding.activations.batches import ChunkSource, training_rows
+from sparse_coding.activations.batches import StoredActivations
 from sparse_coding.activations.caching import Target
-from sparse_coding.activations.store import ActivationDataset
+from sparse_coding.activations.streaming import StreamedActivations
 from sparse_coding.errors import ConfigError
 from sparse_coding.eval.core import core_metrics, weight_metrics
 from sparse_coding.eval.plots import density_histograms
@@ -66,13 +66,13 @@ class Run:
 
 @dataclass
 class Sweep:
-    """One sweep's inputs: the model (None for your own activation files), what it trains on, the store, and
-    how many of its chunks are used (--n_chunks of a store we cached; all of a folder of your own files)."""
+    """One sweep's inputs: the model (None for your own activation files), what it trains on, and its activations:
+    a store's chunks (--n_chunks of a store we cached; all of a folder of your own files) or computed as training
+    goes (--activations stream)."""
 
     lm: LanguageModel | None
     target: Target
-    data: ActivationDataset
-    n_chunks: int
+    data: StoredActivations | StreamedActivations
 
 
 def fingerprint(run: Run, sweep: Sweep) -> str:
@@ -98,7 +98,7 @@ def run_sweep(run: Run, sweep: Sweep, fp: str) -> dict[str, Any]:
     return train_and_report(run, sweep, stacks, trainer, source, fp)
 
 
-def make_stacks(run: Run, data: ActivationDataset) -> list[SAE]:
+def make_stacks(run: Run, data: StoredActivations | StreamedActivations) -> list[SAE]:
     """Gives this process's stacks: the whole sweep, or its share of the grid under --parallel models, loaded
     from saved SAEs when asked."""
     cfg, info = run.cfg, run.info
@@ -127,8 +127,7 @@ def make_trainer(run: Run, stacks: list[SAE], sweep: Sweep) -> tuple[Trainer, An
     trainer = Trainer(
         stacks, lr=cfg.lr, sync=sync, init_b_dec=not cfg.load_autoencoders, schedule=schedule, grad_clip=cfg.grad_clip
     )
-    train_ids = list(range(sweep.n_chunks - cfg.n_eval_chunks))
-    source: Any = ChunkSource(sweep.data, train_ids, cfg.seed, run.device, cfg.mix_chunks)
+    source: Any = sweep.data.batches(cfg.seed, run.device, cfg.mix_chunks)
     return trainer, RankSlice(source, info) if data_parallel else source
 
 
@@ -159,18 +158,12 @@ def same_hparams(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def held_out(run: Run, sweep: Sweep) -> tuple[Tensor, Tensor | None, int]:
-    """Gives the held-out rows (the last --n_eval_chunks chunks, as the trainer takes them), where the model can
-    score them the first --ce_eval_rows of their token rows, and the token positions they span (excluded special
-    tokens included, as SAELens' token_stats count them)."""
+    """Gives the held-out rows (as the trainer takes them), where the model can score them the first
+    --ce_eval_rows of their token rows, and the token positions they span."""
     cfg = run.cfg
-    chunks = [sweep.data.load_chunk(i) for i in range(sweep.n_chunks - cfg.n_eval_chunks, sweep.n_chunks)]
-    x_eval = torch.cat([training_rows(c) for c in chunks]).to(run.device)
-    scored = sweep.lm is not None and sweep.lm.head is not None and cfg.ce_eval_rows > 0
-    tokens = torch.cat([c.tokens for c in chunks]).long()[: cfg.ce_eval_rows] if scored else None
-    positions = sum(
-        c.tokens.numel() if c.tokens is not None and c.tokens.dim() == 2 else len(c.activations) for c in chunks
-    )
-    return x_eval, tokens, positions
+    held = sweep.data.held_out(run.device)
+    scored = sweep.lm is not None and sweep.lm.head is not None and cfg.ce_eval_rows > 0 and held.tokens is not None
+    return held.x, held.tokens[: cfg.ce_eval_rows] if scored else None, held.positions  # type: ignore[index]
 
 
 def train_and_report(
@@ -262,7 +255,7 @@ def evaluate_and_save(
         **({"hook_name_out": target.target_hook} if target.target_hook else {}),
         "context_size": data.manifest.get("context_length"),
         "dataset_path": data.manifest.get("dataset"),
-        "activations_dir": str(data.folder),
+        "activations_dir": str(data.folder) if data.folder is not None else None,  # None: streamed, nothing stored
         "seed": cfg.seed,
         "lr": cfg.lr,
         "n_steps": steps,
@@ -287,7 +280,8 @@ def write_report(run: Run, sweep: Sweep, rows: list[dict[str, Any]], steps: int)
         "target_hook": sweep.target.target_hook,
         "d_in": sweep.data.d,
         "d_out": sweep.data.d_out,
-        "activations_dir": str(sweep.data.folder),
+        "activations_dir": str(sweep.data.folder) if sweep.data.folder is not None else None,
+        "activations": run.cfg.activations,
         "lm_head": lm.head if lm is not None else None,
         "lm_head_note": (lm.head_note if lm is not None else "no model: your own activation files"),
         "runs": runs,

@@ -94,6 +94,20 @@ def gather_json(obj: Any, info: DistInfo, device: torch.device) -> list[Any]:
     return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes, strict=True)]
 
 
+def gather_rows(t: Tensor, info: DistInfo) -> Tensor:
+    """Every rank's rows t [n_rank, ...] (n may differ between ranks), concatenated in rank order, on every rank."""
+    if not info.active:
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(info.world)]
+    dist.all_gather(sizes, torch.tensor([len(t)], device=t.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = t.new_zeros(longest, *t.shape[1:])
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(info.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
 def my_models(n_models: int, info: DistInfo) -> list[int]:
     """The grid points this rank trains in 'models' mode."""
     return list(range(info.rank, n_models, info.world))

@@ -96,3 +96,24 @@ def test_the_hub_reader_streams(tmp_path):
     assert [d for d in _read_hub(str(tmp_path), "text", "train") if d] == [d for d in DOCS if d]
     with pytest.raises(DatasetError, match="no text field 'body'"):
         next(_read_hub(str(tmp_path), "body", "train"))
+
+
+def test_a_stream_made_at_its_position_continues_exactly(tmp_path):
+    """Wherever a stream stands (mid-document, at a boundary, across tokenizer batches), a new stream over the
+    documents from `position`'s document on, starting at its offset, hands out the same rows."""
+    rng = torch.Generator().manual_seed(0)
+    docs = [" ".join("w" * int(n) for n in torch.randint(1, 5, (int(k),), generator=rng)) for k in
+            torch.randint(1, 40, (700,), generator=rng)]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    whole = TokenStream(iter_documents(str(tmp_path / "d.jsonl")), _encode, separator_id=0, max_length=7)
+    sizes = torch.randint(1, 60, (40,), generator=rng).tolist()
+    for n in sizes:
+        doc, offset = whole.position
+        resumed = TokenStream(iter_documents(str(tmp_path / "d.jsonl"), skip=doc), _encode, 0, 7, start=(doc, offset))
+        a, b = whole.take(n), resumed.take(n)
+        if a is None:
+            assert b is None
+            break
+        assert torch.equal(a, b), (doc, offset)
+        assert resumed.position == whole.position
+    assert whole.position[0] > 256  # the walk crossed tokenizer batches
