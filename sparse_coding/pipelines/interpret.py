@@ -27,10 +27,11 @@ from neuron_explainer.client import ClientConfig, resolve_api_key
 from neuron_explainer.pipeline import SCORERS
 from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.config import Config, option
+from sparse_coding.data.text import TokenStream, iter_documents
 from sparse_coding.errors import UserError
 from sparse_coding.files import read_json, write_json
 from sparse_coding.locks import run_folder_lock
-from sparse_coding.models.language_model import load_language_model
+from sparse_coding.models.language_model import LanguageModel, load_language_model
 from sparse_coding.models.unembed import logit_effects
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
@@ -64,10 +65,15 @@ def newest_run(root: Path = Path("outputs")) -> Path:
     runs = sorted(
         (p.parent for p in root.glob("*/results.json") if (p.parent / "saes").is_dir()), key=lambda p: p.stat().st_mtime
     )
-    runs = [r for r in runs if read_json(r / "results.json").get("activations_dir")]
+    runs = [r for r in runs if _single_hook(read_json(r / "results.json"))]
     if not runs:
         raise UserError("no run.py results under outputs/; run `python run.py` first or pass --sae_dir")
     return runs[-1]
+
+
+def _single_hook(results: dict[str, Any]) -> bool:
+    """Whether a run.py results.json is one sweep over stored or streamed activations (not an index of hooks)."""
+    return bool(results.get("activations_dir")) or results.get("activations") == "stream"
 
 
 def choose_sae(run_dir: Path) -> Path:
@@ -98,6 +104,22 @@ def load_rows(data: ActivationDataset, max_rows: int) -> tuple[torch.Tensor, tor
     return torch.cat(toks)[:max_rows], torch.cat(acts)[:max_rows]
 
 
+def text_rows(lm: LanguageModel, meta: dict[str, Any], max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gives (tokens [N, T], activations [N, T, d]) of the first max_rows context rows of the text an SAE was
+    trained on (metadata dataset_path, context_size, hook_name), the model run over them as a streamed run.py run
+    did; the positions of the tokenizer's special tokens have zero activations, as a store leaves them out."""
+    hook, T = lm.resolve_hook(meta["hook_name"]), int(meta["context_size"])
+    docs = iter_documents(meta["dataset_path"])
+    stream = TokenStream(docs, lm.tokenizer.encode_batch, lm.tokenizer.separator()[1], T, name=meta["dataset_path"])
+    rows = [r for r in iter(lambda: stream.take(32), None)][: -(-max_rows // 32)]
+    if not rows:
+        raise UserError(f"{meta['dataset_path']} gives no context row of {T} tokens")
+    tokens = torch.cat(rows)[:max_rows]
+    excluded = torch.tensor(sorted(lm.tokenizer.excluded_ids("default").values()), dtype=torch.long)
+    acts = torch.cat([lm.activations(r, [hook])[hook].float().cpu() for r in tokens.split(32)])
+    return tokens, acts * ~torch.isin(tokens, excluded)[..., None]
+
+
 @dataclass
 class FeatureSet:
     """One method's features: activations [N, T, n], the indices to interpret (None: all), and the
@@ -116,16 +138,19 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     sae_dir = Path(cfg.sae_dir) if cfg.sae_dir else choose_sae(Path(cfg.run_dir) if cfg.run_dir else newest_run())
     sae, sae_cfg = load_sae(sae_dir)
     meta = sae_cfg.get("metadata", {})
-    if not meta.get("activations_dir") or not meta.get("model_name"):
-        raise UserError(f"{sae_dir}'s cfg.json names no stored activations or model; was it trained by run.py?")
-    tokens, dense = load_rows(ActivationDataset.open(meta["activations_dir"]), cfg.max_rows)
+    if not meta.get("model_name") or not (meta.get("activations_dir") or meta.get("dataset_path")):
+        raise UserError(f"{sae_dir}'s cfg.json names no model, or no activations or text; was it trained by run.py?")
+    lm = load_language_model(meta["model_name"], torch.device("cpu"))
+    if meta.get("activations_dir"):
+        tokens, dense = load_rows(ActivationDataset.open(meta["activations_dir"]), cfg.max_rows)
+    else:  # trained on streamed activations: the text's first rows, the held-out part of such a run
+        tokens, dense = text_rows(lm, meta, cfg.max_rows)
     if dense.shape[-1] != sae.d_in:
         raise UserError(f"the stored activations have d={dense.shape[-1]}, the SAE expects d_in={sae.d_in}")
     out = Path(cfg.out) if cfg.out else sae_dir.parent.parent / f"interpret_{sae_dir.name}"
     check_claimable(out, "interpret")
     with run_folder_lock(out):  # one interpret run writes a folder at a time
         prepare_out(cfg, sae_dir, out)
-        lm = load_language_model(meta["model_name"], torch.device("cpu"))
         ids = tokens.unique().tolist()
         id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
         effects = logit_effects(lm, meta.get("hook_name", ""), sae.d_in) if meta.get("hook_name") else None

@@ -12,6 +12,8 @@ from lm_fixtures import smoke_run_args
 from procs import kill_after_checkpoint
 from safetensors.torch import load_file
 
+import evaluate
+import interpret
 import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,3 +92,18 @@ def test_data_parallel_streaming_gathers_one_buffer_for_every_process(assets, tm
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
     for ra, rb in zip(a, b, strict=True):
         assert ra["fvu"] == pytest.approx(rb["fvu"], rel=1e-3) and ra["l0"] == pytest.approx(rb["l0"], rel=1e-3)
+
+
+def test_a_streamed_run_is_evaluated_and_interpreted_from_its_text(assets, tmp_path):
+    """No store to read back: evaluate.py and interpret.py run the model over the text's first rows (a streamed
+    run's held-out part) at the SAE's hook."""
+    run.main(_args(assets, tmp_path / "r", "--arch", "relu", "--n_steps", "20", "--l1_exp_low", "-1"))
+    interpret.main(["--run_dir", str(tmp_path / "r"), "--n_features", "2", "--max_rows", "32", "--baselines", "random",
+                    "--out", str(tmp_path / "i")])  # fmt: skip
+    summary = json.loads((tmp_path / "i" / "summary.json").read_text())
+    assert summary["by_method"]["sae"]["n_features"] == 2 and summary["n_rows"] == 32
+    sae = next((tmp_path / "r" / "saes").iterdir())
+    evaluate.main(["--sae_dir", str(sae), "--out", str(tmp_path / "e"), "--eval_tokens", "256"])
+    scored = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert scored["data"]["kind"] == "text"
+    assert scored["saes"][sae.name]["metrics"]["reconstruction_quality"]["explained_variance"] is not None
