@@ -1,5 +1,5 @@
-"""Streaming text: peak memory of caching the first chunks does not grow with the corpus, and batched
-tokenization stays fast.
+"""Streaming text: peak memory of caching the first chunks (or, with --activations stream, of training from the
+model with nothing stored) does not grow with the corpus, and batched tokenization stays fast.
 
 Generates two JSON Lines corpora (--small_mb, default 10 MB, and --big_mb, default 1 GB) of the same kind of
 documents. First the tokenization throughput of the stream (documents read, tokenized in batches and packed
@@ -10,7 +10,10 @@ same model, hook and settings as run.py) and reads that process's peak RSS (VmHW
 and one with the medians and their ratio:
   {"bench": "stream_memory", "round", "corpus_mb", "peak_rss_mb", "seconds", "docs_read", "chunks"}
   {"bench": "stream_memory_ratio", "median_peak_rss_mb_<mb>mb", "range_mb_<mb>mb", "big_over_small"}
-The corpora are deleted at the end unless --keep. Needs the offline model (`make tiny`) or --model_name.
+With --activations stream each process instead trains one TopK SAE (k 32, d_sae = d) for --stream_steps steps of
+512 from the model's activations through a --buffer_tokens buffer (run.py --activations stream, in process), so its
+peak is model + buffer + SAE, however large the corpus. The corpora are deleted at the end unless --keep. Needs the
+offline model (`make tiny`) or --model_name.
 """
 
 from __future__ import annotations
@@ -103,6 +106,25 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
             written += len(line)
 
 
+def stream_child(args: argparse.Namespace) -> None:
+    """Trains one SAE from the model's activations over one corpus, nothing stored; prints peak RSS."""
+    from sparse_coding.pipelines.lm import RunConfig, run_lm
+
+    cfg = RunConfig(model_name=args.model_name, dataset_name=args.child, activations="stream", arch="topk",
+                    k_values=[32], dict_ratio_exp_high=0, n_steps=args.stream_steps, buffer_tokens=args.buffer_tokens,
+                    ce_eval_rows=0, checkpoint_every=0, device="cpu")  # fmt: skip
+    start = time.perf_counter()
+    Path(args.store).mkdir(parents=True, exist_ok=True)
+    run_lm(cfg, Path(args.store), progress=False)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"peak_rss_mb": round(peak_rss_kb() / 1024, 1), "seconds": round(seconds, 1)}))
+
+
+def peak_rss_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
 def child(args: argparse.Namespace) -> None:
     """Caches the chunks from one corpus, as run.py does, and prints peak RSS and what was read."""
     import torch
@@ -122,16 +144,15 @@ def child(args: argparse.Namespace) -> None:
     lm = load_language_model(cfg.model_name, torch.device("cpu"))
     [data] = prepare_activations(cfg, lm, store_specs(cfg, lm, resolve_targets(cfg, lm)), progress=False)
     seconds = time.perf_counter() - start
-    status = Path("/proc/self/status").read_text()
-    peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     read = {"docs_read": data.manifest["n_docs"], "chunks": data.n_chunks}
-    print(json.dumps({"peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(seconds, 1), **read}))
+    print(json.dumps({"peak_rss_mb": round(peak_rss_kb() / 1024, 1), "seconds": round(seconds, 1), **read}))
 
 
 def measure_memory(corpus: Path, args: argparse.Namespace, tmp: Path) -> dict:
     store = tmp / f"store_{corpus.stem}"
     cmd = [sys.executable, __file__, "--child", str(corpus), "--store", str(store), "--model_name", args.model_name]
-    cmd += ["--n_chunks", str(args.n_chunks)]
+    cmd += ["--n_chunks", str(args.n_chunks), "--activations", args.activations]
+    cmd += ["--stream_steps", str(args.stream_steps), "--buffer_tokens", str(args.buffer_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1]
     return json.loads(out)
 
@@ -172,7 +193,10 @@ def main() -> None:
     p.add_argument("--model_name", default="checkpoints/tiny", help="any run.py model (default: the offline one)")
     p.add_argument("--small_mb", type=int, default=10)
     p.add_argument("--big_mb", type=int, default=1024)
-    p.add_argument("--n_chunks", type=int, default=3)
+    p.add_argument("--n_chunks", type=int, default=3, help="chunks cached (disk)")
+    p.add_argument("--activations", default="disk", choices=["disk", "stream"], help="what each process does")
+    p.add_argument("--stream_steps", type=int, default=200, help="training steps of a streaming process")
+    p.add_argument("--buffer_tokens", type=int, default=2**17, help="a streaming process's shuffle buffer")
     p.add_argument("--tokenize_docs", type=int, default=5000, help="documents for the throughput measurement")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each measurement (medians)")
     p.add_argument("--dir", default="", help="where the corpora are written (default: a temporary folder)")
@@ -181,7 +205,7 @@ def main() -> None:
     p.add_argument("--store", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args)
+        return stream_child(args) if args.activations == "stream" else child(args)
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp_name:
         tmp = Path(tmp_name)
         where = Path(args.dir) if args.keep and args.dir else tmp
@@ -203,7 +227,8 @@ def main() -> None:
         summary = {f"median_peak_rss_mb_{mb}mb": statistics.median(v) for mb, v in peaks.items()}
         ranges = {f"range_mb_{mb}mb": [min(v), max(v)] for mb, v in peaks.items()}
         ratio = round(big / small, 3)
-        print(json.dumps({"bench": "stream_memory_ratio", **summary, **ranges, "big_over_small": ratio}))
+        print(json.dumps({"bench": "stream_memory_ratio", "activations": args.activations, **summary, **ranges,
+                          "big_over_small": ratio}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ class TextRows:
             rows = self._stream.take(min(step, left))
             if rows is None:  # the text's end: the next epoch starts again after the held-out rows
                 if self._stream.position == self.restart:
-                    raise DatasetError("the text holds no rows beyond the held-out ones; give more text")
+                    raise DatasetError(
+                        f"the text holds fewer than {min(step, left)} rows beyond the held-out ones; give more text"
+                    )
                 self.seek((self.position[0] + 1, *self.restart))
                 continue
             parts.append(rows)
@@ -96,27 +98,27 @@ class StreamSource:
         self._late: Tensor | None = None  # the newer half of the last refill: the next period's older part
         self._before: dict[int, Position] = {}  # the text position before each of the last two refills
 
-    def _refill(self, r: int) -> Tensor:
-        """Reads refill r's rows, computes this process's share of their activations, gathers every share, and gives
-        them shuffled by (seed, r)."""
+    def _refill(self, r: int) -> tuple[Tensor, Tensor]:
+        """Reads refill r's rows, computes this process's share of their activations and gathers every share; gives
+        them split at random (seeded by r) into an older and a newer half."""
         self._before = {k: v for k, v in self._before.items() if k >= r - 1}
         self._before[r] = self.text.position
         rows = self.text.take(self.refill_rows, self.model_batch_size)
         acts = shared_forward(rows, self.compute, self.model_batch_size, self.info)
         if not torch.isfinite(acts.sum(dtype=torch.float32)):
             raise ModelError(f"the model gave NaN or infinite activations in the text after {self._before[r]}")
-        order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + r))
-        return acts[order.to(acts.device)]
+        order = _permutation(len(acts), self.seed * 1_000_003 + r, acts.device)
+        half = len(acts) // 2
+        return acts[order[:half]], acts[order[half:]]
 
     def _enter(self, period: int) -> None:
-        """Makes period's pool: the kept half of the last refill and the older half of a new one, shuffled."""
-        fresh = self._refill(period)
-        half = len(fresh) // 2
-        late = self._late if self._late is not None else fresh[:0]
-        pool = torch.cat([late, fresh[:half]])
-        self._late = fresh[half:]
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed * 7_919 + period))
-        self.pool, self.period, self.offset = pool[order.to(pool.device)], period, 0
+        """Makes period's pool: the kept half of the last refill and the older half of a new one, shuffled. The
+        spent pool goes first and nothing is held twice, so memory stays under ~1¼ buffers."""
+        self.pool = None
+        older, newer = self._refill(period)
+        kept = self._late if self._late is not None else older[:0]
+        self.pool = _shuffled(kept, older, self.seed * 7_919 + period)
+        self._late, self.period, self.offset = newer, period, 0
 
     def next_batch(self, batch_size: int) -> Tensor:
         if self.pool is None or self.offset + batch_size > len(self.pool):
@@ -147,10 +149,25 @@ class StreamSource:
         if period < 0:
             return
         if period > 0:  # refill period − 1 again, for the newer half this period's pool starts with
-            previous = self._refill(period - 1)
-            self._late = previous[len(previous) // 2 :]
+            self._late = self._refill(period - 1)[1]
         self._enter(period)
         self.offset = offset
+
+
+def _permutation(n: int, seed: int, device: torch.device) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _shuffled(a: Tensor, b: Tensor, seed: int) -> Tensor:
+    """cat([a, b]) in a seeded random order, written straight into place (no concatenated copy on the way)."""
+    n = len(a) + len(b)
+    order = _permutation(n, seed, a.device)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(n, device=a.device)  # where each row of cat([a, b]) goes
+    out = a.new_empty(n, *a.shape[1:])
+    out[where[: len(a)]] = a
+    out[where[len(a) :]] = b
+    return out
 
 
 def shared_forward(rows: Tensor, compute: Callable[[Tensor], Tensor], batch: int, info: DistInfo) -> Tensor:

@@ -235,10 +235,8 @@ class SAE(nn.Module, ABC):
         if self.shard is None:
             sq = sum(sqs.values())
         else:  # a shard's latents hold part of each model's norm; the replicated parameters count once
-            latent = sum((v for n, v in sqs.items() if n in self.latent_tensors), torch.zeros(self.n_models))
-            sq = self.shard.all_reduce_(latent.to(named[0][1])) + sum(
-                v for n, v in sqs.items() if n not in self.latent_tensors
-            )
+            latent = torch.stack([v for n, v in sqs.items() if n in self.latent_tensors]).sum(0)
+            sq = self.shard.all_reduce_(latent) + sum(v for n, v in sqs.items() if n not in self.latent_tensors)
         grads = [g for _, g in named]
         factor = (max_norm / sq.sqrt().clamp_min(1e-30)).clamp(max=1.0)
         for g in grads:
@@ -282,7 +280,7 @@ class SAE(nn.Module, ABC):
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
-        """Gives the codes (feature activations), [M, B, d_sae], dense."""
+        """Gives the codes (feature activations), [M, B, d_sae], dense (on a shard, its own latents': d_local)."""
 
     def decode(self, codes: Tensor, x: Tensor | None = None) -> Tensor:
         """codes: [M, B, d_local] → reconstruction [M, B, d_out]; a skip transcoder also needs its input x."""
