@@ -52,6 +52,9 @@ bench: setup
 	$(PY) bench/sae_step.py --arch topk --k 32 --d_in 512 --d_sae 8192 --batch 4096
 	$(PY) bench/sae_step.py --arch relu --d_in 128 --d_sae 1024 --batch 4096 --n_models 8
 	$(PY) bench/stream_memory.py  # writes (then deletes) a 1 GB corpus in a temporary folder
+	$(PY) bench/stream_memory.py --activations stream
+	$(PY) bench/shard_scaling.py  # 1 vs 2 torchrun processes sharing each SAE's latents
+	$(PY) bench/stream_vs_store.py  # needs `make tiny`
 
 clean:
 	rm -rf $(VENV) outputs

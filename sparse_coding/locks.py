@@ -34,7 +34,10 @@ class FolderLock:
 
     def acquire(self) -> None:
         """Takes the lock, or raises BusyError naming the process that holds it."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a folder should be, no permission: the user's to fix
+            raise UserError(f"cannot write {self.what}: {e.strerror or e} ({e.filename})") from None
         try:
             self._lock.acquire()
         except Timeout:
