@@ -7,6 +7,11 @@ here at the step's own shapes into preallocated outputs. A dense step can at bes
 family) step can beat it. With --n_models > 1 the stack is also compared with one SAE fed the same number of
 tokens per step in one large batch. Prints one JSON line per measurement.
 
+The first line describes the machine: the CPU (or GPU) model, whether the CPU has AMX-BF16 / AVX512-BF16 units, and R,
+the measured bf16/fp32 ratio of the encoder's matmul at the bench's own shapes (torch.bmm, bf16 against fp32
+tensors), so a bf16 figure can be read against what this machine's units allow. Where R < 1.3 (no bf16 units: bf16
+would be emulated at fp32 speed at best) the bf16 rows give "no bf16 units" in place of their ratio to fp32.
+
 --train_dtype bf16|fp16 times the step in that precision (saes/precision.py) against a roofline of the same matmuls
 really run in that dtype (torch.bmm on bf16/fp16 tensors), so the ratio is against the hardware's limit for the
 precision used; on a CPU without bf16/fp16 units that limit is far below fp32's and the step emulates the precision
@@ -48,6 +53,24 @@ def sync() -> None:
 
 
 KNOB_DEFAULTS = {"k": 32, "l1_alpha": 1e-3, "l0_coef": 1.0}  # a typical value of each knob
+NO_UNITS_BELOW = 1.3  # a bf16/fp32 matmul ratio under this: the machine has no bf16 units worth the name
+
+
+def machine(M: int, B: int, d: int, f: int, device: torch.device, repeats: int) -> dict:
+    """The machine's line: its processor, bf16 units, and R, the bf16/fp32 time ratio of the encoder's matmul
+    [M, B, d] × [M, d, f] measured here."""
+    if device.type == "cuda":
+        name, flags = torch.cuda.get_device_name(device), {}
+    else:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+        flags = {f: f in info.split() for f in ("amx_bf16", "avx512_bf16")}
+    x, w = torch.randn(M, B, d, device=device), torch.randn(M, d, f, device=device)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    fp32 = median_time(lambda: torch.bmm(x, w), repeats)
+    bf16 = median_time(lambda: torch.bmm(xb, wb), repeats)
+    return {"machine": name, "device": str(device), **flags, "threads": torch.get_num_threads(),
+            "R_bf16_over_fp32": round(fp32 / bf16, 2), "gemm": [M, B, d, f]}  # fmt: skip
 
 
 def roofline_step_seconds(
@@ -131,6 +154,9 @@ def main() -> None:
     knob_name = SAES[a.arch].knob
     knob = getattr(a, knob_name)
     dtype, compare = TRAIN_DTYPES[a.train_dtype], a.compare is not None
+    header = machine(M, B, d, f, device, a.repeats)
+    print(json.dumps(header), flush=True)
+    units = a.train_dtype != "bf16" or header["R_bf16_over_fp32"] >= NO_UNITS_BELOW
     # Rounds alternate step and roofline timings (and the fp32 step), so drift in the machine's speed hits all alike.
     rounds = [
         (
@@ -154,7 +180,7 @@ def main() -> None:
         "n_models": M,
         "tokens_per_s": round(M * B / t_step),
         "roofline_tokens_per_s": round(M * B / t_roof),
-        "ratio": round(ratio, 3),
+        "ratio": round(ratio, 3) if units else "no bf16 units",
         "roofline_dtype": str(dtype).removeprefix("torch."),
         "roofline_matmuls": len(SAES[a.arch].roofline_matmuls),
         "device": str(device),
@@ -162,7 +188,7 @@ def main() -> None:
     }
     if compare:
         row["fp32_tokens_per_s"] = round(M * B / statistics.median(r[2] for r in rounds))
-        row["ratio_vs_fp32"] = round(statistics.median(r[2] / r[0] for r in rounds), 3)
+        row["ratio_vs_fp32"] = round(statistics.median(r[2] / r[0] for r in rounds), 3) if units else "no bf16 units"
     if M > 1:  # the rival: one SAE, same tokens per step in one batch
         pairs = [
             (
