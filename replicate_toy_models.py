@@ -14,11 +14,14 @@ from __future__ import annotations
 import sys
 
 from argparser import parse_config
+from sparse_coding.errors import ConfigError
 from sparse_coding.pipelines.toy import PRESETS, ToyRunConfig, run_toy
 from utils import run_folder, run_main, seed_everything, tune_allocator
 
 
 def main(argv: list[str] | None = None) -> None:
+    if any(a == "--compare" or a.startswith("--compare=") for a in argv or []):
+        raise ConfigError("--compare is gone: --arch all (or --arch relu,topk) trains the architectures side by side")
     cfg = parse_config(ToyRunConfig, __doc__, argv, presets=PRESETS, default_preset="cpu")
     with run_folder(cfg.out or None, f"toy_{cfg.preset}", kind="toy") as out_dir:
         tune_allocator()

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sparse_coding.saes import SAES, build_sae  # noqa: E402
 from sparse_coding.saes.precision import TRAIN_DTYPES, Precision  # noqa: E402
+from sparse_coding.training.trainer import Trainer  # noqa: E402
 from utils import tune_allocator  # noqa: E402
 
 
@@ -110,26 +111,15 @@ def step_seconds(
     steps: int,
     train_dtype: str = "fp32",
 ) -> float:
-    """Gives the median wall time of a full training step (forward, backward, fused Adam) of a stack."""
+    """Gives the median wall time of the trainer's own training step (forward, backward, gradient constraints and
+    clipping, fused Adam) on a stack."""
     torch.manual_seed(0)
     sae = build_sae(arch, d, f, [{SAES[arch].knob: knob}] * M).to(device)
     sae.precision = Precision(train_dtype)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=sae.adam_eps(), fused=True)
+    trainer = Trainer([sae], lr=1e-4)  # the architecture's default clip and Adam ε, as training uses them
     x = torch.randn(B, d, device=device)
-    clip = sae.default_grad_clip()  # the architecture's default clipping, as the Trainer applies it
-
-    def step() -> None:
-        out = sae.train_forward(x, stats=False)
-        out.loss.sum().backward()
-        sae.constrain_grads()
-        if clip > 0:
-            sae.clip_grads(clip)
-        opt.step()
-        sae.constrain_weights()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    return median_time(step, steps)
+    trainer.step(x)
+    return median_time(lambda: trainer.step(x), steps)
 
 
 def main() -> None:

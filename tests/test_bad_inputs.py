@@ -110,6 +110,7 @@ CASES = [
     ("toy", ["--l1_exp_base", "1e300", "--l1_exp_high", "5"], "leave the floating-point range"),
     ("toy", ["--arch", "topk", "--k_values", "1000"], "larger than the smallest dictionary"),
     ("toy", ["--preset", "smoke", "--parallel", "latents"], "start it with torchrun"),
+    ("toy", ["--compare", "all"], "--compare is gone: --arch all"),
     ("toy", ["--dict_ratio_exp_high", "30"], "the sweep needs about"),
     ("toy", ["--n_steps", "abc"], "invalid int value: 'abc'"),
     ("toy", ["--no_such_flag", "1"], "unrecognized arguments"),

@@ -1,14 +1,14 @@
 """The toy-data replication: train an l1 (or k) × dictionary-size sweep on synthetic activations with known
 ground truth, then measure how well each SAE recovers it and how well agreement with the next larger
-dictionary predicts that without the ground truth. With `compare`, several architectures are trained in turn on
-the same data (each into its own sub-folder) and compared in one table: the `hierarchy` preset asks which of them
-recover parents and children."""
+dictionary predicts that without the ground truth. With several architectures (`--arch all` or a list) every one
+trains in the same lockstep sweep on the same batches, and the run also writes the comparison table and figure
+from its rows: the `hierarchy` preset asks which of them recover parents and children."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from sparse_coding.eval.comparison import write_comparison
 from sparse_coding.eval.plots import metrics_against_l0
 from sparse_coding.eval.reconstruction import evaluate, truth_meters
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
-from sparse_coding.files import read_json, save_tensors, write_json
-from sparse_coding.saes import SAE, SAES
+from sparse_coding.files import save_tensors, write_json
+from sparse_coding.saes import SAE
 from sparse_coding.saes.precision import Precision
 from sparse_coding.training.checkpoint import check_resumable, check_world, checkpoint_dir, config_fingerprint
 from sparse_coding.training.config import SMOKE_SWEEP, SweepConfig, torchrun_world
@@ -47,22 +47,10 @@ class ToyRunConfig(SweepConfig, ToyDataConfig):
     threads: int = option(
         0, "CPU threads torch may use (0: its default); 1 suits small problems, above all on a busy machine", ge=0
     )
-    compare: str = option(
-        "",
-        "comma-separated architectures, or 'all' (every registered one), each trained in turn on the same data "
-        "into <out>/<arch>/ and compared in comparison.md; empty: only --arch",
-    )
 
     def check(self) -> None:
         super().check()
-        for arch in self.compared_archs():
-            replace(self, arch=arch, compare="")  # each sweep is checked as if run alone
         self.check_sizes(self.activation_dim)
-
-    def compared_archs(self) -> list[str]:
-        if self.compare == "all":
-            return list(SAES)
-        return [a.strip() for a in self.compare.split(",") if a.strip()]
 
     def data_config(self) -> ToyDataConfig:
         return ToyDataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ToyDataConfig)})
@@ -134,7 +122,7 @@ def hierarchy() -> ToyRunConfig:
     2 cores (one thread: at these sizes a second one only adds waiting)."""
     return ToyRunConfig(
         preset="hierarchy",
-        compare="all",
+        arch="all",
         activation_dim=48,
         n_ground_truth=96,
         mean_active=4.0,
@@ -183,10 +171,6 @@ def run_toy(cfg: ToyRunConfig, out_dir: Path, progress: bool = True) -> dict[str
         raise CheckpointError(f"{out_dir} already holds a finished run (results.json); choose another --out")
     if torchrun_world() is not None and cfg.parallel != "latents":
         raise ConfigError("replicate_toy_models.py under torchrun splits each SAE's latents: add --parallel latents")
-    if cfg.compare:
-        if torchrun_world() is not None:
-            raise ConfigError("--compare trains one sweep after another; run it in one process (or use --arch)")
-        return run_comparison(cfg, out_dir, progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info, device = init_distributed(resolve_device(cfg.device))
@@ -274,29 +258,15 @@ def score_against_truth(
     return runs
 
 
-def run_comparison(cfg: ToyRunConfig, out_dir: Path, progress: bool) -> dict[str, Any]:
-    """Trains each compared architecture's sweep into out_dir/<arch>/ (a finished one is reused, so a killed
-    comparison resumes), then writes every row to out_dir/results.json and the comparison table and plot."""
-    runs = []
-    for arch in cfg.compared_archs():
-        sub = out_dir / arch
-        done = sub / "results.json"
-        sub.mkdir(exist_ok=True)
-        results = read_json(done) if done.is_file() else run_toy(replace(cfg, arch=arch, compare=""), sub, progress)
-        runs += results["runs"]
-    results = {"config": asdict(cfg), "runs": runs}
-    write_json(out_dir / "results.json", results)
-    write_comparison(runs, out_dir)
-    return results
-
-
 def plot_results(cfg: ToyRunConfig, runs: list[dict[str, Any]], out_dir: Path) -> None:
     """Writes the four heatmaps of the report (rows: the knob, l1 or k; columns: dictionary ratio); for a sweep
-    of several architectures, one figure of MMCS, FVU and dead latents against L0 instead."""
+    of several architectures, one figure of MMCS, FVU and dead latents against L0 and the comparison table and
+    absorption figure (eval/comparison.py) instead."""
     truth = f"; true features at ratio {cfg.n_ground_truth / cfg.activation_dim:g}"
     if len(cfg.arch_names()) > 1:
         keys = [("mmcs", "MMCS with ground truth"), ("fvu", "FVU"), ("dead_features", "dead latents")]
         metrics_against_l0(runs, keys, "arch", "architectures" + truth, out_dir / ARCHS_PLOT)
+        write_comparison(runs, out_dir)
         return
     plot_grid(runs, "mmcs", "MMCS with ground truth" + truth, out_dir / "mmcs_matrix.png")
     plot_grid(

@@ -157,7 +157,7 @@ def test_steering_from_the_command_line(lm_run, tmp_path):
 
 
 def test_a_toy_comparison_gets_its_recovery_metrics_back(tmp_path):
-    args = ["--preset", "smoke", "--compare", "all", "--hierarchy_roots", "2", "--hierarchy_depth", "2",
+    args = ["--preset", "smoke", "--arch", "all", "--hierarchy_roots", "2", "--hierarchy_depth", "2",
             "--n_steps", "30", "--out", str(tmp_path / "toy")]  # fmt: skip
     replicate_toy_models.main(args)
     evaluate.main(["--sae_dir", str(tmp_path / "toy"), "--out", str(tmp_path / "e")])

@@ -82,7 +82,7 @@ def test_every_architecture_in_one_sweep(tmp_path):
 
 
 def test_architectures_compared_on_a_hierarchy(tmp_path):
-    args = ["--preset", "smoke", "--out", str(tmp_path), "--compare", "all", "--hierarchy_roots", "2",
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--arch", "all", "--hierarchy_roots", "2",
             "--hierarchy_depth", "2", "--n_steps", "30"]  # fmt: skip
     replicate_toy_models.main(args)
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
@@ -93,8 +93,7 @@ def test_architectures_compared_on_a_hierarchy(tmp_path):
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {arch} |" in table for arch in SAES)
     assert (tmp_path / "absorption_by_depth.png").stat().st_size > 1000
-    for arch in SAES:
-        assert (tmp_path / arch / "saes").is_dir() and (tmp_path / arch / "ground_truth.safetensors").is_file()
+    assert json.loads((tmp_path / "comparison.json").read_text())["best_by_mcc"].keys() == set(SAES)
     r = _cli(*args)
     assert r.returncode == 2 and "already holds a finished run" in r.stderr
 
