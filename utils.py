@@ -125,8 +125,7 @@ def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> 
     lock = run_folder_lock(path) if is_main_process() else None
     created = not path.exists()
     if lock is not None:
-        with _writing(path):
-            lock.acquire()  # refused: nothing of ours to undo, and the folder is another run's
+        lock.acquire()  # refused: nothing of ours to undo, and the folder is another run's
     try:
         claim_folder(path, kind)
         yield path

@@ -51,8 +51,8 @@ from sparse_coding.activations.store import ActivationDataset  # noqa: E402
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator  # noqa: E402
 from sparse_coding.models.language_model import load_language_model  # noqa: E402
 from sparse_coding.pipelines.lm import RunConfig  # noqa: E402
-from sparse_coding.saes import sae_class  # noqa: E402
-from sparse_coding.saes.matryoshka import level_widths  # noqa: E402
+from sparse_coding.saes import SAES, sae_class  # noqa: E402
+from sparse_coding.saes.base import PenaltySAE  # noqa: E402
 from sparse_coding.saes.saelens import save_sae  # noqa: E402
 from sparse_coding.training.schedule import Schedule  # noqa: E402
 from sparse_coding.training.trainer import Trainer, train  # noqa: E402
@@ -70,21 +70,6 @@ BRACKET = [1 / 8, 1 / 4, 1 / 2, 1, 2]
 # match (README). Resampling draws its scoring batches from the training stream, so ours' later batches are other
 # batches of the same chunks than SAELens' (the same count trained on).
 OURS: dict[str, dict[str, Any]] = {"relu": {"decoder_init_norm": 0.1, "resample_every": 50}}
-# Our architecture → SAELens' training module and class, and its config fields for our knob's value.
-SAELENS = {
-    "topk": ("topk_sae", "TopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
-    "batchtopk": ("batchtopk_sae", "BatchTopKTrainingSAE", lambda k, d_sae: {"k": int(k)}),
-    "matryoshka": (
-        "matryoshka_batchtopk_sae",
-        "MatryoshkaBatchTopKTrainingSAE",
-        lambda k, d_sae: {"k": int(k), "matryoshka_widths": level_widths(d_sae, None)},
-    ),
-    "relu": ("standard_sae", "StandardTrainingSAE", lambda c, d_sae: {"l1_coefficient": c}),
-    "gated": ("gated_sae", "GatedTrainingSAE", lambda c, d_sae: {"l1_coefficient": c}),
-    "jumprelu": ("jumprelu_sae", "JumpReLUTrainingSAE", lambda c, d_sae: {"l0_coefficient": c}),
-}
-
-
 # --- data --------------------------------------------------------------------------------------------------
 
 
@@ -187,9 +172,11 @@ def train_saelens(
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    module, name, fields = SAELENS[arch]
+    cls = sae_class(arch)
+    module, name = cls.saelens_trainer.rsplit(".", 1)  # type: ignore[union-attr]
     mod = importlib.import_module(f"sae_lens.saes.{module}")
-    sae = getattr(mod, name)(getattr(mod, name + "Config")(d_in=d, d_sae=args.d_sae, **fields(knob, args.d_sae)))
+    fields = cls.saelens_trainer_fields(knob, args.d_sae)
+    sae = getattr(mod, name)(getattr(mod, name + "Config")(d_in=d, d_sae=args.d_sae, **fields))
     steps = args.tokens // args.batch
     trainer_cfg = SAETrainerConfig(  # lr_end as LanguageModelSAERunnerConfig sets it (unused: constant lr)
         total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=lr, lr_end=lr / 10
@@ -309,7 +296,8 @@ def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["topk", "batchtopk", "relu"], choices=sorted(SAELENS))
+    trained = sorted(a for a, cls in SAES.items() if cls.saelens_trainer)  # what SAELens has a trainer for
+    p.add_argument("--archs", nargs="+", default=["topk", "batchtopk", "relu"], choices=trained)
     p.add_argument("--k", type=int, default=32, help="k of the TopK family")
     p.add_argument(
         "--l1_coefficient", type=float, default=1.0, help="SAELens' l1 (relu, gated) / l0 coefficient (its default)"
@@ -344,7 +332,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(a.out or tmp)
         for arch in a.archs:
-            knob = a.k if sae_class(arch).knob == "k" else a.l1_coefficient
+            knob = a.l1_coefficient if issubclass(sae_class(arch), PenaltySAE) else a.k
             compare(arch, knob, d, a, data, x_eval, folder)
 
 

@@ -37,7 +37,7 @@ class FolderLock:
         try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a file where a folder should be, no permission: the user's to fix
-            raise UserError(f"cannot write {self.what}: {e.strerror or e} ({e.filename})") from None
+            raise UserError(f"cannot write to {self.what}: {e.strerror or e}") from None
         try:
             self._lock.acquire()
         except Timeout:

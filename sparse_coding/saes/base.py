@@ -90,6 +90,9 @@ class SAE(nn.Module, ABC):
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True
+    # SAELens' training SAE for this architecture ("module.Class" under sae_lens.saes), what comparisons against
+    # SAELens train (bench/vs_saelens.py); None where SAELens trains none.
+    saelens_trainer: ClassVar[str | None] = None
     # The parameters and buffers with a row per latent, [M, d_sae, ...]: what latent sharding splits (saes/shard.py).
     # Everything else (b_dec, W_skip, per-model settings) is the same on every shard.
     latent_tensors: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec")
@@ -359,6 +362,12 @@ class SAE(nn.Module, ABC):
     def saelens_cfg(self, m: int) -> dict[str, Any]:
         """Gives the architecture-specific fields of cfg.json for model m (beyond d_in, d_sae, ...)."""
         return {}
+
+    @classmethod
+    def saelens_trainer_fields(cls, value: float, d_sae: int) -> dict[str, Any]:
+        """Gives the config fields of SAELens' training SAE (`saelens_trainer`) for the sparsity setting `value` in
+        SAELens' own terms (k; an l1 or l0 coefficient on its loss)."""
+        return {cls.knob: value}
 
     @classmethod
     def hparams_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"  # SAELens' inference form of a BatchTopK SAE
     saelens_training_architecture = "batchtopk"
+    saelens_trainer = "batchtopk_sae.BatchTopKTrainingSAE"
     saelens_transcoder = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
 
     def __init__(self, d_in: int, d_sae: int, hparams: list[dict[str, Any]], **options: Any):

@@ -30,6 +30,7 @@ from sparse_coding.saes.shard import LatentShard
 class GatedSAE(PenaltySAE):
     architecture = "gated"
     saelens_architecture = "gated"
+    saelens_trainer = "gated_sae.GatedTrainingSAE"
     knob = "l1_alpha"
     tag_prefix = "l1"
     options = ("l1_norm", "decoder_init_norm", "decoder_bias")
@@ -57,6 +58,10 @@ class GatedSAE(PenaltySAE):
         self.b_mag = nn.Parameter(torch.zeros(self.n_models, self.d_local))
         self.init_transposed()
         self._cache = BufferCache()
+
+    @classmethod
+    def saelens_trainer_fields(cls, value: float, d_sae: int) -> dict[str, Any]:
+        return {"l1_coefficient": value}
 
     def encode(self, x: Tensor) -> Tensor:
         shared = self.precision.bmm(self.center(x), self.W_enc.mT)

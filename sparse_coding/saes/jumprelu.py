@@ -36,6 +36,7 @@ class JumpReLUSAE(PenaltySAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
     saelens_transcoder = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
+    saelens_trainer = "jumprelu_sae.JumpReLUTrainingSAE"
     knob = "l0_coef"
     tag_prefix = "l0"
     options = (
@@ -70,6 +71,10 @@ class JumpReLUSAE(PenaltySAE):
         self.threshold = nn.Parameter(torch.full((self.n_models, self.d_local), float(jumprelu_init_threshold)))
         self.init_transposed()
         self._cache = BufferCache()
+
+    @classmethod
+    def saelens_trainer_fields(cls, value: float, d_sae: int) -> dict[str, Any]:
+        return {"l0_coefficient": value}
 
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_acts(x)  # ReLU'd as SAELens does: equal for θ ≥ 0 (ours), and for a loaded θ < 0 too

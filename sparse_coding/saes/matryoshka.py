@@ -44,6 +44,7 @@ def level_widths(d_sae: int, widths: list[int] | None) -> list[int]:
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
     saelens_training_architecture = "matryoshka_batchtopk"
+    saelens_trainer = "matryoshka_batchtopk_sae.MatryoshkaBatchTopKTrainingSAE"
     options = ("matryoshka_widths", "auxk_alpha", "dead_tokens_threshold", "decoder_bias")
 
     def __init__(
@@ -65,6 +66,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         widths = cfg.matryoshka_widths
         if widths is not None and any(b <= a for a, b in zip(widths, widths[1:], strict=False)):
             raise ConfigError(f"--matryoshka_widths must be strictly increasing, got {widths}")
+
+    @classmethod
+    def saelens_trainer_fields(cls, value: float, d_sae: int) -> dict[str, Any]:
+        return {"k": int(value), "matryoshka_widths": level_widths(d_sae, None)}
 
     def reconstruction_loss(
         self, x: Tensor, vals: Tensor, idx: Tensor, total_variance: Tensor

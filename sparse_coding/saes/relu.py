@@ -40,6 +40,7 @@ class ReluSAE(PenaltySAE):
     architecture = "relu"
     saelens_architecture = "standard"
     saelens_transcoder = ("transcoder", "skip_transcoder")
+    saelens_trainer = "standard_sae.StandardTrainingSAE"
     knob = "l1_alpha"
     tag_prefix = "l1"
     can_resample = True
@@ -93,6 +94,10 @@ class ReluSAE(PenaltySAE):
         if tied:
             del self.W_enc  # the encoder is the decoder's transpose; nothing separate to learn
         self._cache = BufferCache()
+
+    @classmethod
+    def saelens_trainer_fields(cls, value: float, d_sae: int) -> dict[str, Any]:
+        return {"l1_coefficient": value}
 
     def default_grad_clip(self) -> float:
         return 1.0 / self.d_out if self.free_decoder else 0.0

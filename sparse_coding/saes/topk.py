@@ -36,6 +36,7 @@ class TopKSAE(SAE):
     saelens_architecture = "topk"
     knob = "k"
     options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias", "decoder_init_norm")
+    saelens_trainer = "topk_sae.TopKTrainingSAE"
     lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
     latent_tensors = SAE.latent_tensors + ("tokens_since_fired",)
 
@@ -89,6 +90,10 @@ class TopKSAE(SAE):
     @classmethod
     def hparams_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg["k"])}
+
+    @classmethod
+    def saelens_trainer_fields(cls, value: float, d_sae: int) -> dict[str, Any]:
+        return {"k": int(value)}
 
     # --- a free decoder computes as its unit rows (module docstring) ---------------------------------------
     def decoder(self) -> Tensor:

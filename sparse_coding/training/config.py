@@ -120,7 +120,8 @@ class SweepConfig(Config):
         if self.lr_warmup_steps + self.lr_decay_steps > self.n_steps:
             raise ConfigError("lr_warmup_steps + lr_decay_steps must not exceed n_steps")
         if self.resample_every and not all(cls.can_resample for cls in self.sae_classes()):
-            raise ConfigError("--resample_every: only relu SAEs resample dead latents")
+            able = ", ".join(a for a, cls in SAES.items() if cls.can_resample)
+            raise ConfigError(f"--resample_every: only these architectures resample dead latents: {able}")
         if self.parallel == "latents" and torchrun_world() is None:
             raise ConfigError(
                 "--parallel latents splits one SAE over several processes: start it with torchrun, e.g. "

@@ -135,7 +135,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
         (["--arch", "topk", "--k_values", "100"], "larger than the smallest dictionary"),
         (["--arch", "nope"], "unknown architecture"),
         (["--arch", "topk", "--grad_clip", "-1"], "grad_clip must be ≥ 0"),
-        (["--arch", "gated", "--resample_every", "10"], "only relu SAEs resample"),
+        (["--arch", "gated", "--resample_every", "10"], "only these architectures resample dead latents: relu"),
         (["--arch", "matryoshka", "--matryoshka_widths", "8", "4"], "strictly increasing"),
         (["--lr_warmup_steps", "50", "--lr_decay_steps", "20"], "must not exceed n_steps"),
         (["--preset", "huge"], "invalid choice"),
