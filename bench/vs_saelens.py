@@ -16,10 +16,11 @@ runs' L0 range fvu is null, with the reason); our tokens_per_s is then one SAE t
 the bracket's coefficient whose L0 is nearest that SAELens run's (a relu step turns sparse once training has made
 the codes sparse, so both the L0 and the length of the timing run set the rate).
 
-Ours runs through run.py's training loop at its defaults and the architecture's OURS flags (below; relu's are
-SAELens' standard SAE plus our dead-latent resampling).
+Ours runs through run.py's training loop at its defaults (relu's are SAELens' standard SAE plus our dead-latent
+resampling: saes/relu.py; resampling draws its scoring batches from the training stream, so ours' later batches are
+other batches of the same chunks than SAELens', the same count trained on).
 
-Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr", "ours_flags",
+Prints one JSON line per pair: {"arch", "knob", "d_sae", "tokens", "saelens_setting", "lr",
 "ours": {"tokens_per_s", "fvu", "l0", "dead"}, "saelens": {same keys}}.
 """
 
@@ -64,12 +65,6 @@ SAELENS_DEFAULT_LR = 3e-4  # SAETrainerConfig's and LanguageModelSAERunnerConfig
 # at lr 3e-4 and 21.6 at 2e-3, ours at lr 2e-3 21.4 at 1x). Steps of 2 keep the log-L0 chord that interpolates ours
 # short (FVU is convex in log L0, so a long chord overstates our FVU).
 BRACKET = [1 / 8, 1 / 4, 1 / 2, 1, 2]
-# run.py flags ours trains with beyond its defaults (printed in every row): relu as SAELens' standard SAE (free
-# decoder rows, which also bring its init, clip and Adam ε; saes/relu.py) plus our dead-latent resampling, which
-# is what we add to that recipe. At unit rows (run.py's default, the original code's recipe) ours lost the lr-2e-3
-# match (README). Resampling draws its scoring batches from the training stream, so ours' later batches are other
-# batches of the same chunks than SAELens' (the same count trained on).
-OURS: dict[str, dict[str, Any]] = {"relu": {"decoder_init_norm": 0.1, "resample_every": 50}}
 # --- data --------------------------------------------------------------------------------------------------
 
 
@@ -148,9 +143,9 @@ def held_out(data: ActivationDataset | ToyChunks) -> Tensor:
 def train_ours(
     arch: str, knobs: list[float], d: int, args: argparse.Namespace, data: Any, folder: Path, steps: int
 ) -> tuple[list[Path], float]:
-    """Trains our stack of one SAE per knob value (run.py's defaults and the architecture's OURS flags) for `steps`
+    """Trains our stack of one SAE per knob value (run.py's defaults) for `steps`
     steps through run.py's training loop; gives their saved folders and the loop's tokens/s."""
-    cfg = RunConfig(arch=arch, lr=args.lr, batch_size=args.batch, n_steps=steps, device="cpu", **OURS.get(arch, {}))
+    cfg = RunConfig(arch=arch, lr=args.lr, batch_size=args.batch, n_steps=steps, device="cpu")
     cls = sae_class(arch)
     torch.manual_seed(args.seed)
     stack = cls(d, args.d_sae, [{cls.knob: v} for v in knobs], **cfg.sae_options())
@@ -287,7 +282,6 @@ def compare(arch: str, knob: float, d: int, args: argparse.Namespace, data: Any,
             "tokens": steps * args.batch,
             "saelens_setting": setting,
             "lr": {"ours": args.lr, "saelens": lr},
-            "ours_flags": OURS.get(arch, {}),
             "ours": {"tokens_per_s": round(rate), **mine},
             "saelens": theirs,
         }

@@ -92,6 +92,13 @@ class RunConfig(SweepConfig, CacheConfig):
         if self.resample_every and self.transcode:
             raise ConfigError("--resample_every does not apply to transcoders yet (it resamples towards inputs)")
 
+    def resample_steps(self) -> int:
+        """As a sweep's, but the architecture's default applies only where resampling can: not for transcoders
+        (it resamples towards inputs) nor under --parallel data (each process sees its own inputs)."""
+        if self.resample_every is None and (self.transcode or self.parallel == "data"):
+            return 0
+        return super().resample_steps()
+
     def check_stream(self) -> None:
         """Raises ConfigError for what a streaming run cannot do."""
         if self.activations_dir:

@@ -47,6 +47,12 @@ class ToyRunConfig(SweepConfig, ToyDataConfig):
     threads: int = option(
         0, "CPU threads torch may use (0: its default); 1 suits small problems, above all on a busy machine", ge=0
     )
+    # The toy replication keeps the original research code's relu recipe (unit decoder rows, no resampling): its
+    # dead-feature heatmap shows where surplus latents die, which resampling would hide.
+    decoder_init_norm: float | None = option(
+        0.0, "0: decoder rows kept at unit norm; > 0: rows start at this norm and train freely (SAELens' 0.1)", ge=0
+    )
+    resample_every: int | None = option(0, "relu: resample dead latents every this many steps (0: never)", ge=0)
 
     def check(self) -> None:
         super().check()

@@ -87,6 +87,7 @@ class SAE(nn.Module, ABC):
     # times them as the roofline): encoder forward, decoder forward, the codes' gradient, both weight gradients.
     roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
+    default_resample_every: ClassVar[int] = 0  # steps between resamplings where the config leaves it (0: never)
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True
@@ -335,6 +336,12 @@ class SAE(nn.Module, ABC):
     @abstractmethod
     def knob_values(cls, cfg: SweepConfig) -> list[Any]:
         """Gives the values of this architecture's knob that a sweep config asks for, one SAE each."""
+
+    @classmethod
+    def default_options(cls, cfg: SweepConfig) -> dict[str, Any]:
+        """Gives the values of stack options the config leaves to the architecture (None there): its own recipe.
+        Options missing here keep the class's __init__ default."""
+        return {}
 
     @classmethod
     def check_sweep(cls, cfg: SweepConfig, dict_sizes: list[int]) -> None:

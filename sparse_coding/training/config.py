@@ -45,11 +45,12 @@ class SweepConfig(Config):
         choices=("dict_size", "none"),
     )
     decoder_bias: bool = option(True, "learn b_dec (subtracted from the input before encoding, as SAELens does)")
-    decoder_init_norm: float = option(
-        0.0,
+    decoder_init_norm: float | None = option(
+        None,
         "0: decoder rows kept at unit norm; > 0: rows start at this norm and train freely, each latent's sparsity "
         "penalty (relu, gated, jumprelu) or code (TopK family) weighted by its row's norm; 0.1 is SAELens' default "
-        "(relu then takes SAELens' whole recipe: its init, gradient clip and Adam ε on our loss's scale)",
+        "(relu then takes SAELens' whole recipe: its init, gradient clip and Adam ε on our loss's scale); default: "
+        "the architecture's (relu 0.1 unless tied, the others 0)",
         ge=0,
     )
     auxk_alpha: float = option(1 / 32, "topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents", ge=0)
@@ -82,7 +83,12 @@ class SweepConfig(Config):
         "SAEs take and reconstruct the raw activations",
     )
     norm_batches: int = option(10, "batches the normalisation's scale is estimated from (not trained on)", gt=0)
-    resample_every: int = option(0, "relu: resample dead latents every this many steps (0: never)", ge=0)
+    resample_every: int | None = option(
+        None,
+        "relu: resample dead latents every this many steps (0: never; default: the architecture's, relu every 50, "
+        "where every architecture of the sweep resamples)",
+        ge=0,
+    )
     resample_window: int = option(0, "relu: a latent silent this many steps is dead (0: resample_every)", ge=0)
     resample_batches: int = option(8, "relu: batches of inputs scored to choose the resampled directions", gt=0)
     batch_size: int = option(1024, "activations per training step", gt=0)
@@ -128,6 +134,14 @@ class SweepConfig(Config):
                 "torchrun --standalone --nproc_per_node 2 <script> ... --parallel latents"
             )
 
+    def resample_steps(self) -> int:
+        """Steps between resamplings of dead latents: --resample_every, else the architectures' own default when
+        every one of the sweep resamples (0: never)."""
+        if self.resample_every is not None:
+            return self.resample_every
+        classes = self.sae_classes()
+        return min(cls.default_resample_every for cls in classes) if all(c.can_resample for c in classes) else 0
+
     def arch_names(self) -> list[str]:
         """Gives the architectures of the sweep: `arch` is one name, several joined by commas, or 'all'."""
         names = list(SAES) if self.arch == "all" else [a.strip() for a in self.arch.split(",")]
@@ -163,7 +177,13 @@ class SweepConfig(Config):
         """Gives the stack-wide options architecture cls reads from this config (an option the config has no
         field for keeps the architecture's own default)."""
         cls = cls or self.sae_cls
-        return {name: getattr(self, name) for name in cls.options if hasattr(self, name)}
+        chosen = {name: getattr(self, name) for name in cls.options if hasattr(self, name)}
+        defaults = cls.default_options(self)  # for options the config leaves to the architecture (None)
+        return {
+            name: defaults.get(name) if v is None else v
+            for name, v in chosen.items()
+            if v is not None or name in defaults
+        }
 
     def check_sizes(self, d_in: int) -> None:
         """Raises ConfigError when the dictionary sizes for inputs of width d_in cannot be trained."""

@@ -191,22 +191,23 @@ def train(
 ) -> None:
     """Runs trainer to cfg.n_steps, resuming from ckpt_dir when a checkpoint of the same fingerprint is there;
     calls on_log(step, logs) every cfg.log_every steps and at the last. Before the first step it estimates the
-    input scale (normalize_activations); after every resample_every-th it resamples dead latents."""
+    input scale (normalize_activations); after every resample_steps()-th it resamples dead latents."""
     if ckpt_dir is not None:
         resume(trainer, source, ckpt_dir, fingerprint)
     if cfg.normalize_activations and trainer.input_scale is None:
         trainer.set_input_scale(input_scale([source.next_batch(cfg.batch_size) for _ in range(cfg.norm_batches)]))
+    every = cfg.resample_steps()
     for s in trainer.stacks:
-        s.track_firing = cfg.resample_every > 0
+        s.track_firing = every > 0
     bar = tqdm(total=cfg.n_steps, initial=trainer.step_count, desc="training", disable=not progress, unit="step")
     for step in range(trainer.step_count, cfg.n_steps):
         log_now = on_log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.n_steps)
         logs = trainer.step(source.next_batch(cfg.batch_size), stats=log_now)
         if log_now and on_log is not None:
             on_log(step + 1, logs)
-        if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 < trainer.schedule.n_steps:
+        if every and (step + 1) % every == 0 and step + 1 < trainer.schedule.n_steps:
             batches = [source.next_batch(cfg.batch_size) for _ in range(cfg.resample_batches)]
-            trainer.resample(batches, cfg.resample_window or cfg.resample_every, cfg.seed)
+            trainer.resample(batches, cfg.resample_window or every, cfg.seed)
         bar.update(1)
         if ckpt_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             data = {f"data.{k}": v for k, v in source.get_state().items()}
