@@ -11,6 +11,8 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from neuron_explainer.pipeline import SCORERS, load_feature_results
 from sparse_coding.files import read_json
 
@@ -32,6 +34,15 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
+def _cell(v: Any) -> str:
+    """A metric for a table: floats to 3 decimals, missing ones as a dash."""
+    return _fmt(v) if isinstance(v, float) or v is None else str(v)
+
+
+def _interval(iv: Sequence[float] | None) -> str:
+    return "—" if not iv else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
 def _shade(a: float, max_activation: float) -> str:
     alpha = 0.0 if max_activation <= 0 else min(1.0, max(0.0, a / max_activation))
     return f"background-color: rgba(255, 120, 0, {alpha:.2f})"
@@ -48,11 +59,19 @@ def example_html(tokens: Sequence[str], activations: Sequence[float], max_activa
     return f'<div class="example">{"".join(spans)}</div>'
 
 
-def histogram_svg(edges: Sequence[float], counts: Sequence[float], width: int = 360, height: int = 90) -> str:
-    """Inline SVG bar chart of the activation density (activations > 0), with labelled axes: activation value
-    along x (first and last bin edge), number of tokens along y (0 and the tallest bar)."""
+def histogram_svg(
+    edges: Sequence[float],
+    counts: Sequence[float],
+    width: int = 360,
+    height: int = 90,
+    x_label: str = "activation",
+    y_label: str = "tokens",
+    empty: str = "(never fires)",
+) -> str:
+    """Inline SVG bar chart (by default of the activation density, activations > 0), with labelled axes: the value
+    along x (first and last bin edge), the count along y (0 and the tallest bar)."""
     if not counts:
-        return "<p>(never fires)</p>"
+        return f"<p>{_e(empty)}</p>"
     left, bottom = 44, 30  # room for the axis labels
     top = max(counts) or 1.0
     w = width / len(counts)
@@ -67,15 +86,15 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], width: int = 
         f'<line x1="{left}" y1="0" x2="{left}" y2="{height}" stroke="#555"/>'
         f'<text x="{left}" y="{height + 13}" font-size="10">{_e(f"{edges[0]:.3g}")}</text>'
         f'<text x="{left + width}" y="{height + 13}" font-size="10" text-anchor="end">{_e(f"{edges[-1]:.3g}")}</text>'
-        f'<text x="{left + width / 2}" y="{height + 26}" font-size="11" text-anchor="middle">activation</text>'
+        f'<text x="{left + width / 2}" y="{height + 26}" font-size="11" text-anchor="middle">{_e(x_label)}</text>'
         f'<text x="{left - 4}" y="10" font-size="10" text-anchor="end">{int(top)}</text>'
         f'<text x="{left - 4}" y="{height}" font-size="10" text-anchor="end">0</text>'
         f'<text x="10" y="{height / 2}" font-size="11" text-anchor="middle" '
-        f'transform="rotate(-90 10 {height / 2})">tokens</text>'
+        f'transform="rotate(-90 10 {height / 2})">{_e(y_label)}</text>'
     )
     return (
         f'<svg class="histogram" width="{left + width + 4}" height="{height + bottom}" role="img" '
-        f'aria-label="activation density: tokens per activation bin">{axes}{bars}</svg>'
+        f'aria-label="{_e(y_label)} per {_e(x_label)} bin">{axes}{bars}</svg>'
     )
 
 
@@ -102,16 +121,27 @@ def neighbours_html(method: str, neighbours: list[dict[str, Any]], pages: Abstra
     return f'<ul class="neighbours">{"".join(items)}</ul>'
 
 
-def quantiles_html(quantiles: list[list[dict[str, Any]]], max_activation: float) -> str:
-    """Examples sampled per quantile of the feature's activations, highest quantile first."""
+def quantiles_html(quantiles: list[dict[str, Any]], max_activation: float) -> str:
+    """Examples from each interval of the feature's activations ({"interval", "examples"}), highest first."""
     parts = []
     for i, q in reversed(list(enumerate(quantiles))):
-        if not q:
+        if not q["examples"]:
             continue
-        top = max(max(x["activations"]) for x in q)
-        parts.append(f"<h3>quantile {i + 1} of {len(quantiles)} (activations up to {top:.3g})</h3>")
-        parts.extend(example_html(x["tokens"], x["activations"], max_activation) for x in q)
+        lo, hi = q["interval"]
+        parts.append(f"<h3>quantile {i + 1} of {len(quantiles)}: windows peaking at {lo:.3g} to {hi:.3g}</h3>")
+        parts.extend(example_html(x["tokens"], x["activations"], max_activation) for x in q["examples"])
     return f'<div class="quantiles">{"".join(parts)}</div>'
+
+
+def _quantile_examples(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON's quantile_examples, or (a feature JSON written before they existed) the record's quantiles."""
+    if r.get("quantile_examples") is not None:
+        return r["quantile_examples"]
+    return [
+        {"interval": [min(max(x["activations"]) for x in q), max(max(x["activations"]) for x in q)], "examples": q}
+        for q in r["record"].get("quantiles") or []
+        if q
+    ]
 
 
 def _page(title: str, body: str) -> str:
@@ -131,7 +161,11 @@ def feature_page(r: dict[str, Any], pages: AbstractSet[str] = frozenset()) -> st
     rec = r["record"]
     mx = float(rec["max_activation"])
     extras = rec.get("extras") or {}
-    scores = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in r["scores"].items())
+    intervals = r.get("score_intervals") or {}
+    scores = "".join(
+        f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td><td>{_interval(intervals.get(k))}</td></tr>"
+        for k, v in r["scores"].items()
+    )
     fails = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in r["parse_failures"].items())
     top = "".join(example_html(x["tokens"], x["activations"], mx) for x in rec["train_top"])
     held = []
@@ -141,11 +175,14 @@ def feature_page(r: dict[str, Any], pages: AbstractSet[str] = frozenset()) -> st
         if sim is not None:
             held.append('<div class="sim">simulated:</div>' + example_html(x["tokens"], sim, 10.0))
     hist = rec.get("histogram") or {}
-    logits = (
-        f"<h2>Logit effects (direction through the unembedding)</h2>{logits_html(extras['logits'])}"
-        if extras.get("logits")
-        else ""
-    )
+    density = r.get("density_histogram") or {}
+    log_rate = density.get("log10_firing_rate")
+    if extras.get("logits"):
+        logits = logits_html(extras["logits"])
+    else:
+        why = r.get("logits_note") or extras.get("logits_note") or "unknown"
+        logits = f'<p class="logits-note">No logit effects: {_e(why)}</p>'
+    logits = f"<h2>Logit effects (direction through the unembedding)</h2>{logits}"
     near = extras.get("neighbours")
     near_html = (
         f"<h2>Nearest features (direction cosine)</h2>{neighbours_html(r['method'], near, pages)}" if near else ""
@@ -155,24 +192,50 @@ def feature_page(r: dict[str, Any], pages: AbstractSet[str] = frozenset()) -> st
         f"<h1>{_e(r['method'])} feature {_e(r['feature_index'])}</h1>"
         f'<p class="expl"><b>Explanation:</b> {_e(r["explanation"] if r["explanation"] is not None else "(none)")}</p>'
         f"<p>explainer {_e(r['explainer'])}, simulator {_e(r['simulator'])}; max activation {mx:.4g}, "
-        f"fires on {100 * float(rec['firing_rate']):.3g} % of tokens</p>"
-        f"<h2>Scores</h2><table>{scores}</table><h3>Parse failures</h3><table>{fails}</table>"
+        f"fires on {100 * float(rec['firing_rate']):.3g} % of tokens"
+        f"{'' if log_rate is None else f' (log10 density {log_rate:.2f})'}</p>"
+        f'<h2>Scores</h2><table class="scores"><tr><th>scorer</th><th>score</th><th>95% interval (windows '
+        f"resampled)</th></tr>{scores}</table><h3>Parse failures</h3><table>{fails}</table>"
         f"<h2>Activation density (tokens where it fires)</h2>"
         f"{histogram_svg(hist.get('edges', []), hist.get('counts', []))}{logits}{near_html}"
         f'<h2>Top examples (shown to the explainer)</h2><div class="top-examples">{top}</div>'
         f'<h2>Held-out top examples (true, then simulated)</h2><div class="held-out">{"".join(held)}</div>'
-        f"<h2>Examples by activation quantile (held out)</h2>{quantiles_html(rec.get('quantiles') or [], mx)}"
+        f"<h2>Examples by activation quantile (held out)</h2>{quantiles_html(_quantile_examples(r), mx)}"
     )
     return _page(f"{r['method']} feature {r['feature_index']}", body)
+
+
+def sae_page(data: dict[str, Any], feature_pages: Sequence[str]) -> str:
+    """The whole SAE (sae.json): its run metrics, how many latents never fire, the histograms of its latents' log10
+    firing rates and of its L0 per token, and a link to every feature page."""
+    metrics = data.get("metrics")
+    rows = (
+        "".join(f"<tr><th>{_e(k)}</th><td>{_e(_cell(v))}</td></tr>" for k, v in metrics.items())
+        if metrics
+        else f"<tr><td>{_e(data.get('metrics_note') or 'no metrics')}</td></tr>"
+    )
+    rates, l0 = data.get("firing_rate_histogram") or {}, data.get("l0_histogram") or {}
+    rate_svg = histogram_svg(rates.get("edges", []), rates.get("counts", []), x_label="log10 firing rate",
+                             y_label="latents", empty="(no latent fires)")  # fmt: skip
+    l0_svg = histogram_svg(l0.get("edges", []), l0.get("counts", []), x_label="active latents", y_label="tokens",
+                           empty="(no tokens)")  # fmt: skip
+    links = "".join(f'<li><a href="pages/{_e(p)}">{_e(p.removesuffix(".html"))}</a></li>' for p in feature_pages)
+    mean_l0 = "—" if data.get("mean_l0") is None else f"{data['mean_l0']:.2f}"
+    body = (
+        f'<p><a href="index.html">← all features</a></p><h1>SAE {_e(Path(str(data.get("sae_dir", ""))).name)}</h1>'
+        f"<p>{_e(data.get('n_latents'))} latents over {_e(data.get('tokens'))} tokens: "
+        f'<b class="dead">{_e(data.get("dead_latents"))} never fire</b>; mean L0 {mean_l0}</p>'
+        f'<h2>Run metrics</h2><table class="metrics">{rows}</table>'
+        f"<h2>Latent density (log10 firing rate)</h2>{rate_svg}<h2>L0 per token</h2>{l0_svg}"
+        f'<h2>Feature pages</h2><ul class="feature-links">{links}</ul>'
+    )
+    return _page("SAE overview", body)
 
 
 def summary_html(summary: dict[str, Any], scorer: str) -> str:
     """The per-method table with each mean's interval, the SAE − baseline comparisons and the verdict."""
     level = (summary.get("confidence") or {}).get("level", 0.95)
-
-    def interval(iv: list[float] | None) -> str:
-        return "—" if not iv else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
-
+    interval = _interval
     rows = "".join(
         f"<tr><td>{_e(m)}</td><td>{_fmt(s.get('mean_score'))}</td><td>{interval(s.get('interval'))}</td>"
         f"<td>{_e(s.get('n_scored', s.get('n_features')))}</td></tr>"
@@ -206,8 +269,13 @@ def write_html(out_dir: str | Path, summary: dict[str, Any] | None = None, score
     pages = out_dir / "pages"
     pages.mkdir(parents=True, exist_ok=True)
     names = {_page_name(r) for r in results}
-    for r in results:
+    for r in tqdm(results, desc="feature pages", disable=len(results) < 50):
         (pages / _page_name(r)).write_text(feature_page(r, names), encoding="utf-8")
+    overview_link = ""
+    if (out_dir / "sae.json").is_file():
+        sae_pages = sorted(_page_name(r) for r in results if r["method"] == "sae")
+        (out_dir / "sae.html").write_text(sae_page(read_json(out_dir / "sae.json"), sae_pages), encoding="utf-8")
+        overview_link = '<p><a href="sae.html">the whole SAE: density, L0, dead latents, metrics</a></p>'
     overview = ""
     if summary:
         scorer = summary.get("scorer", scorer)
@@ -223,7 +291,7 @@ def write_html(out_dir: str | Path, summary: dict[str, Any] | None = None, score
             f"<td>{_fmt(r['scores'].get(key))}</td><td>{_e(r['explanation'] or '')}</td><td>{ex}</td></tr>"
         )
     body = (
-        f"<h1>Feature interpretations</h1>{overview}<h2>Features</h2>"
+        f"<h1>Feature interpretations</h1>{overview_link}{overview}<h2>Features</h2>"
         f"<table><tr><th>method</th><th>feature</th><th>{_e(key)}</th><th>explanation</th><th>top example</th></tr>"
         f"{''.join(rows)}</table>"
     )

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from neuron_explainer.client import ChatClient, ClientConfig
+from neuron_explainer.dashboard import feature_dashboard
 from neuron_explainer.explain import Explainer, LLMExplainer
 from neuron_explainer.intruder import intruder_score, intruder_trials
 from neuron_explainer.offline import OfflineExplainer, OfflineSimulator
@@ -150,6 +151,7 @@ async def score_feature(
         "scores": {k: finite_or_none(v) for k, v in scores.items()},
         "parse_failures": failures,
         "simulated": simulated,
+        **feature_dashboard(record, simulated),
         "record": record.to_dict(),
     }
 

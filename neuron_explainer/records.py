@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from sparse_coding.errors import UserError
 
@@ -43,6 +44,8 @@ class FeatureRecord:
     test_top: list[ActivationRecord] = field(default_factory=list)  # scored (held out)
     test_random: list[ActivationRecord] = field(default_factory=list)  # scored (held out)
     quantiles: list[list[ActivationRecord]] = field(default_factory=list)  # held out, lowest quantile first
+    # Each quantile's activation interval [low, high]: the range of the per-sequence maxima it was drawn from.
+    quantile_intervals: list[list[float]] = field(default_factory=list)
     histogram: dict[str, list[float]] = field(default_factory=dict)  # {"edges", "counts"} of activations > 0
     extras: dict[str, Any] = field(default_factory=dict)  # dashboard data a caller adds (neighbours, logits)
 
@@ -64,6 +67,7 @@ class FeatureRecord:
             test_top=recs(d.get("test_top", [])),
             test_random=recs(d.get("test_random", [])),
             quantiles=[recs(q) for q in d.get("quantiles", [])],
+            quantile_intervals=[list(map(float, iv)) for iv in d.get("quantile_intervals", [])],
             histogram=dict(d.get("histogram", {})),
             extras=dict(d.get("extras", {})),
         )
@@ -167,10 +171,13 @@ def build_feature_record(
     # Per-quantile samples: equal-count bins over the remaining firing sequences ranked by their max activation.
     rest = np.array([s for s in firing[::-1] if int(s) not in used], dtype=np.int64)  # lowest first
     quantiles: list[list[ActivationRecord]] = []
+    intervals: list[list[float]] = []
     for chunk in np.array_split(rest, cfg.n_quantiles) if len(rest) else []:
         pick = rng.choice(chunk, size=min(cfg.n_per_quantile, len(chunk)), replace=False) if len(chunk) else []
         used.update(int(s) for s in pick)
         quantiles.append(at_max(pick))
+        peaks = seq_max[chunk] if len(chunk) else np.zeros(1)
+        intervals.append([round(float(peaks.min()), 6), round(float(peaks.max()), 6)])  # rounded as the windows are
 
     # Random windows: uniform over the unused sequences, at a uniform position.
     pool = np.array([s for s in range(N) if s not in used], dtype=np.int64)
@@ -194,6 +201,7 @@ def build_feature_record(
         test_top=test_top,
         test_random=randoms[cfg.n_random_train :],
         quantiles=quantiles,
+        quantile_intervals=intervals,
         histogram={"edges": [float(e) for e in edges], "counts": [float(c) for c in counts]},
     )
 
@@ -230,4 +238,8 @@ def build_feature_records(
         def get(f: int) -> np.ndarray:
             return arr[:, :, f]
 
-    return [build_feature_record(token_strs, get(int(f)), int(f), cfg, method) for f in features]
+    chosen = list(features)
+    return [
+        build_feature_record(token_strs, get(int(f)), int(f), cfg, method)
+        for f in tqdm(chosen, desc=f"records ({method})", disable=len(chosen) < 50)
+    ]

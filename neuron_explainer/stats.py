@@ -76,3 +76,29 @@ def verdict(comparisons: dict[str, Any], level: float = LEVEL, reference: str = 
     groups.pop("not compared", None)
     parts = [f"{outcome} {', '.join(methods)}" for outcome, methods in sorted(groups.items())]
     return f"{who} " + "; ".join(parts) + f" (bootstrap {level:.0%} intervals on the difference of mean scores)"
+
+
+def correlation_interval(
+    true: Sequence[Sequence[float]],
+    pred: Sequence[Sequence[float] | None],
+    level: float = LEVEL,
+    n_boot: int = 2_000,
+) -> list[float] | None:
+    """The bootstrap interval of one feature's pooled correlation score (score.pooled_correlation) over its scored
+    windows, each resampled whole (a window's tokens are not independent of one another); None with fewer than two
+    simulated windows. Vectorised: a resample's correlation comes from the summed per-window moments."""
+    pairs = [
+        (np.asarray(t, np.float64), np.asarray(p, np.float64)) for t, p in zip(true, pred, strict=True) if p is not None
+    ]
+    if len(pairs) < 2:
+        return None
+    moments = np.array([[len(t), t.sum(), p.sum(), t @ t, p @ p, t @ p] for t, p in pairs])  # [windows, 6]
+    rng = np.random.default_rng(SEED)
+    draws = rng.multinomial(len(pairs), np.full(len(pairs), 1 / len(pairs)), size=n_boot)  # [n_boot, windows]
+    n, sx, sy, sxx, syy, sxy = (draws @ moments).T
+    var_x, var_y, cov = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
+    defined = var_x > 1e-12 * np.maximum(sxx, 1e-300)  # constant true activations: no correlation (as the score)
+    r = np.where(var_y > 1e-12 * np.maximum(syy, 1e-300), cov / np.sqrt(np.clip(var_x * var_y, 1e-300, None)), 0.0)
+    if defined.sum() < 2:
+        return None
+    return _interval(r[defined], level)

@@ -65,15 +65,12 @@ def to_residual(lm: LanguageModel, hook: str, d_hook: int, d_model: int) -> Tens
 
 
 def logit_effects(lm: LanguageModel, hook: str, d_hook: int) -> Callable[[Tensor], Tensor] | None:
-    """Gives directions [n, d_hook] → their direct logit effects [n, vocab], or None where the path is unknown."""
-    w_u = unembedding(lm)
-    if w_u is None:
-        return None
+    """Gives directions [n, d_hook] → their direct logit effects [n, vocab], or None where the path is unknown
+    (`why_no_logits` says why)."""
     try:
-        proj = to_residual(lm, hook, d_hook, w_u.shape[1])
+        w_u, proj, scale = _path(lm, hook, d_hook)
     except LookupError:
         return None
-    scale = final_norm_scale(lm)
 
     @torch.no_grad()
     def effect(directions: Tensor) -> Tensor:
@@ -83,3 +80,21 @@ def logit_effects(lm: LanguageModel, hook: str, d_hook: int) -> Callable[[Tensor
         return r @ w_u.float().T
 
     return effect
+
+
+def why_no_logits(lm: LanguageModel, hook: str, d_hook: int) -> str | None:
+    """Gives why a hook's directions have no logit effects here (None: they have)."""
+    try:
+        _path(lm, hook, d_hook)
+    except LookupError as e:
+        return str(e)
+    return None
+
+
+def _path(lm: LanguageModel, hook: str, d_hook: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The unembedding, the projection from the hook to the residual stream and the final norm's scale; raises
+    LookupError naming what is missing."""
+    w_u = unembedding(lm)
+    if w_u is None:
+        raise LookupError(f"{lm.name} has no language-model head to read logits through ({lm.head_note})")
+    return w_u, to_residual(lm, hook, d_hook, w_u.shape[1]), final_norm_scale(lm)

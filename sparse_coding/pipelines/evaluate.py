@@ -29,6 +29,7 @@ from sparse_coding.files import read_json, write_json
 from sparse_coding.models.language_model import LanguageModel, load_language_model
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import CFG_FILE, load_sae
+from sparse_coding.saes.sources import resolve_sae_source
 from utils import resolve_device
 
 EVAL_FILE = "eval.json"
@@ -36,7 +37,11 @@ EVAL_FILE = "eval.json"
 
 @dataclass
 class EvaluateConfig(Config):
-    sae_dir: str = option("", "an SAE folder (SAELens layout), or a run.py / replicate_toy_models.py run folder")
+    sae_dir: str = option(
+        "",
+        "an SAE folder (SAELens layout), a run.py / replicate_toy_models.py run folder, hf:org/repo[/folder] (the "
+        "Hugging Face hub) or a SAELens pretrained release/id",
+    )
     out: str = option("", "folder for eval.json and the figures; empty: outputs/<timestamp>_eval/")
     model_name: str = option("", "the model; empty: the SAE's cfg.json metadata.model_name")
     hook_name: str = option("", "the hook; empty: metadata.hook_name")
@@ -109,7 +114,7 @@ def run_evaluate(cfg: EvaluateConfig, out_dir: Path, lm: LanguageModel | None = 
     `lm` replaces loading the model by name (for models built in memory, e.g. in tests)."""
     if not cfg.sae_dir:
         raise ConfigError("--sae_dir is required: an SAE folder or a run folder")
-    folders = sae_folders(Path(cfg.sae_dir))
+    folders = sae_folders(resolve_sae_source(cfg.sae_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = read_json(folders[0] / CFG_FILE).get("metadata") or {}
     device = resolve_device(cfg.device)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from neuron_explainer import (
@@ -32,15 +33,18 @@ from sparse_coding.errors import UserError
 from sparse_coding.files import read_json, write_json
 from sparse_coding.locks import run_folder_lock
 from sparse_coding.models.language_model import LanguageModel, load_language_model
-from sparse_coding.models.unembed import logit_effects
+from sparse_coding.models.unembed import logit_effects, why_no_logits
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
+from sparse_coding.saes.sources import resolve_sae_source
 from utils import check_claimable, claim_folder
 
 
 @dataclass
 class InterpretRunConfig(Config):
-    sae_dir: str = option("", "one SAE folder; empty: chosen from --run_dir")
+    sae_dir: str = option(
+        "", "one SAE: a folder, hf:org/repo[/folder] or a SAELens pretrained release/id; empty: chosen from --run_dir"
+    )
     run_dir: str = option("", "a run.py folder; empty: the newest under outputs/ with results.json")
     out: str = option("", "output folder; empty: <run_dir>/interpret_<sae name>/")
     n_features: int = option(50, "SAE features explained (a seeded sample of those that fire)", gt=0)
@@ -135,7 +139,11 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     docs/ARCHITECTURE.md) and gives {"out", "summary"}."""
     if cfg.api_base:  # a missing key is said now, before any work, not after the records are built
         resolve_api_key(ClientConfig(api_base=cfg.api_base, api_key_env=cfg.api_key_env))
-    sae_dir = Path(cfg.sae_dir) if cfg.sae_dir else choose_sae(Path(cfg.run_dir) if cfg.run_dir else newest_run())
+    sae_dir = (
+        resolve_sae_source(cfg.sae_dir)
+        if cfg.sae_dir
+        else choose_sae(Path(cfg.run_dir) if cfg.run_dir else newest_run())
+    )
     sae, sae_cfg = load_sae(sae_dir)
     meta = sae_cfg.get("metadata", {})
     if not meta.get("model_name") or not (meta.get("activations_dir") or meta.get("dataset_path")):
@@ -151,16 +159,9 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     check_claimable(out, "interpret")
     with run_folder_lock(out):  # one interpret run writes a folder at a time
         prepare_out(cfg, sae_dir, out)
-        ids = tokens.unique().tolist()
-        id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
-        effects = logit_effects(lm, meta.get("hook_name", ""), sae.d_in) if meta.get("hook_name") else None
-        rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
-        for name, fs in feature_sets(cfg, sae, dense).items():
-            print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")
-            records = build_feature_records(tokens.numpy(), fs.acts, id_to_str, features=fs.features, cfg=rec_cfg,
-                                            method=name)  # fmt: skip
-            add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens)
-            interpret_features(records, out, name, api_config(cfg))
+        sets = feature_sets(cfg, sae, dense)
+        write_json(out / "sae.json", sae_overview(sae_dir, sets["sae"].acts, dense))
+        explain_all(cfg, sets, tokens, lm, meta.get("hook_name", ""), sae.d_in, out)
         extra = {
             "sae_dir": str(sae_dir),
             "model_name": meta.get("model_name"),
@@ -171,6 +172,57 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
         summary = read_json(write_summary(out, cfg.scorer, extra))
         write_html(out, summary, cfg.scorer)
     return {"out": out, "summary": summary}
+
+
+def explain_all(
+    cfg: InterpretRunConfig,
+    sets: dict[str, FeatureSet],
+    tokens: torch.Tensor,
+    lm: LanguageModel,
+    hook: str,
+    d_in: int,
+    out: Path,
+) -> None:
+    """Builds every method's feature records (with their dashboard data), then explains, simulates and scores them
+    into out/features/."""
+    ids = tokens.unique().tolist()
+    id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
+    effects = logit_effects(lm, hook, d_in) if hook else None
+    logits_note = (why_no_logits(lm, hook, d_in) if hook else "the SAE's cfg.json names no hook") or None
+    rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
+    for name, fs in sets.items():
+        print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")
+        records = build_feature_records(tokens.numpy(), fs.acts, id_to_str, features=fs.features, cfg=rec_cfg,
+                                        method=name)  # fmt: skip
+        add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens, logits_note)
+        interpret_features(records, out, name, api_config(cfg))
+
+
+def sae_overview(sae_dir: Path, codes: Any, dense: torch.Tensor, bins: int = 30) -> dict[str, Any]:
+    """The whole SAE on the rows interpreted (sae.json, drawn as sae.html): its latents' log10 firing rates and its
+    per-token L0 as histograms, the latents that never fire there, and the run's own metrics for it (results.json
+    beside its folder's parent; null with a note for an SAE from elsewhere). Positions a store left out (excluded
+    special tokens, all-zero rows) are not counted."""
+    kept = (dense.abs().sum(-1) > 0).numpy()
+    fired = np.asarray(codes)[kept] > 0  # [tokens, d_sae]
+    rate, l0 = fired.mean(0), fired.sum(1)
+    live = np.log10(rate[rate > 0])
+    rate_counts, rate_edges = np.histogram(live, bins=bins) if live.size else (np.zeros(0), np.zeros(0))
+    l0_counts, l0_edges = np.histogram(l0, bins=min(bins, int(l0.max()) + 1)) if l0.size else (np.zeros(0), np.zeros(0))
+    results = sae_dir.parent.parent / "results.json"
+    runs = read_json(results).get("runs", []) if results.is_file() else []
+    row = next((r for r in runs if r.get("name") == sae_dir.name), None)
+    return {
+        "sae_dir": str(sae_dir),
+        "n_latents": int(fired.shape[1]),
+        "tokens": int(fired.shape[0]),
+        "dead_latents": int((rate == 0).sum()),
+        "mean_l0": float(l0.mean()) if l0.size else None,
+        "firing_rate_histogram": {"edges": rate_edges.tolist(), "counts": rate_counts.tolist()},
+        "l0_histogram": {"edges": l0_edges.tolist(), "counts": l0_counts.tolist()},
+        "metrics": {k: v for k, v in row.items() if not isinstance(v, (dict, list))} if row else None,
+        "metrics_note": None if row else f"no run results for {sae_dir.name} beside it ({results})",
+    }
 
 
 def prepare_out(cfg: InterpretRunConfig, sae_dir: Path, out: Path) -> None:
@@ -219,11 +271,12 @@ def add_dashboard(
     directions: torch.Tensor,
     effects: Callable[[torch.Tensor], torch.Tensor] | None,
     decode: Callable[[list[int]], list[str]],
+    logits_note: str | None = None,
     n_neighbours: int = 5,
     n_tokens: int = 10,
 ) -> None:
     """Adds to each record's extras its nearest features by direction cosine and, where the path to the
-    logits is known, the tokens its direction promotes and suppresses most (models/unembed.py)."""
+    logits is known, the tokens its direction promotes and suppresses most (models/unembed.py); else why not."""
     if not records:
         return
     idx = torch.tensor([r.feature_index for r in records])
@@ -236,7 +289,9 @@ def add_dashboard(
         record.extras["neighbours"] = [
             {"index": int(j), "cosine": round(float(c), 4)} for j, c in zip(near_idx[i], near_cos[i], strict=True)
         ]
-        if logits is not None:
+        if logits is None:
+            record.extras["logits_note"] = logits_note or "no path from this hook to the logits"
+        else:
             record.extras["logits"] = {
                 "promoted": _top_tokens(logits[i], n_tokens, decode),
                 "suppressed": _top_tokens(-logits[i], n_tokens, decode, sign=-1.0),

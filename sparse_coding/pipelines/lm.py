@@ -48,7 +48,11 @@ class RunConfig(SweepConfig, CacheConfig):
     n_eval_chunks: int = option(1, "the last chunks are held out for evaluation, never trained on", gt=0)
     mix_chunks: int = option(2, "chunks pooled and shuffled together for training batches", gt=0)
     mini_runs: int = option(1, "training passes, each followed by metrics and plots", gt=0)
-    load_autoencoders: str = option("", "a run folder (or its saes/) to continue from, matched by size and knob")
+    load_autoencoders: str = option(
+        "",
+        "SAEs to continue from, matched by size and knob: a run folder (or its saes/), one SAE folder (any SAELens "
+        "one of an architecture we have), hf:org/repo[/folder] or a SAELens pretrained release/id",
+    )
     ce_eval_rows: int = option(32, "held-out context rows for CE loss recovered and KL (0: skip)", ge=0)
     mmcs_threshold: float = option(
         0.9, "share of features whose best match in the next larger dictionary exceeds this", gt=0, lt=1

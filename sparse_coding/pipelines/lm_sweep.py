@@ -28,6 +28,7 @@ from sparse_coding.files import load_tensors, read_json, write_json
 from sparse_coding.models.language_model import LanguageModel
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
+from sparse_coding.saes.sources import resolve_sae_source
 from sparse_coding.training.checkpoint import check_resumable, check_world, checkpoint_dir, config_fingerprint
 from sparse_coding.training.distributed import (
     DistInfo,
@@ -104,7 +105,7 @@ def make_stacks(run: Run, data: StoredActivations | StreamedActivations) -> list
     cfg, info = run.cfg, run.info
     stacks = build_stacks(cfg, data.d, run.device, data.d_out, cfg.skip_connection, info)
     if cfg.load_autoencoders:
-        n = len(load_into_stacks(stacks, Path(cfg.load_autoencoders)))
+        n = len(load_into_stacks(stacks, cfg.load_autoencoders))
         if info.is_main:
             print(f"continuing from {n} saved SAEs")
     if info.active and cfg.parallel == "models":
@@ -131,13 +132,21 @@ def make_trainer(run: Run, stacks: list[SAE], sweep: Sweep) -> tuple[Trainer, An
     return trainer, RankSlice(source, info) if data_parallel else source
 
 
-def load_into_stacks(stacks: list[SAE], folder: Path) -> list[str]:
-    """Copies saved SAEs into the stacks' slots of the same architecture, shape and knob; gives the names used."""
+def load_into_stacks(stacks: list[SAE], source: str) -> list[str]:
+    """Copies saved SAEs (a run folder, a folder of SAE folders, one SAE folder, hf:org/repo[/folder] or a SAELens
+    pretrained release/id: saes/sources.py) into the stacks' slots of the same architecture, shape and knob; gives
+    the names used."""
+    folder = resolve_sae_source(source)
     folder = folder / "saes" if (folder / "saes").is_dir() else folder
     if not folder.is_dir():
         raise ConfigError(f"--load_autoencoders: {folder} not found")
     loaded = []
-    for sub in sorted(p for p in folder.iterdir() if (p / "cfg.json").is_file()):
+    subs = (
+        [folder]
+        if (folder / "cfg.json").is_file()
+        else sorted(p for p in folder.iterdir() if (p / "cfg.json").is_file())
+    )
+    for sub in subs:
         sae, _ = load_sae(sub)
         for stack in stacks:
             shape = (stack.architecture, stack.d_in, stack.d_sae, stack.d_out, stack.transcoder, stack.skip)

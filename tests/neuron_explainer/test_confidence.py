@@ -77,3 +77,50 @@ def test_no_trials_without_enough_windows():
     feature = _feature(" the")
     feature.quantiles = [feature.quantiles[0][:3]]
     assert intruder_trials(feature, 5, 5, np.random.default_rng(0)) == []
+
+
+def test_a_features_score_interval_is_the_bootstrap_of_its_pooled_correlation_over_windows():
+    """The vectorised interval (summed per-window moments) equals resampling whole windows and scoring each
+    resample with score.pooled_correlation, draw for draw."""
+    from neuron_explainer.score import pooled_correlation
+    from neuron_explainer.stats import SEED, correlation_interval
+
+    rng = np.random.default_rng(3)
+    true = [rng.random(12) * (rng.random(12) < 0.4) for _ in range(9)]
+    pred = [t + rng.normal(0, 0.3, 12) for t in true]
+    pred[4] = None  # an unparsed simulation: left out, as the score leaves it out
+    n_boot = 300
+    lo, hi = correlation_interval(true, pred, n_boot=n_boot)
+    kept = [(t, p) for t, p in zip(true, pred, strict=True) if p is not None]
+    draws = np.random.default_rng(SEED).multinomial(len(kept), np.full(len(kept), 1 / len(kept)), size=n_boot)
+    scores = []
+    for counts in draws:
+        picked = [w for w, c in zip(kept, counts, strict=True) for _ in range(c)]
+        scores.append(pooled_correlation([t for t, _ in picked], [p for _, p in picked]))
+    assert [lo, hi] == pytest.approx([np.percentile(scores, 2.5), np.percentile(scores, 97.5)], abs=1e-9)
+    assert lo < pooled_correlation(true, pred) < hi
+    assert correlation_interval(true[:1], pred[:1]) is None  # one window: nothing to resample
+
+
+def test_the_dashboard_keys_of_a_feature():
+    from neuron_explainer.dashboard import feature_dashboard
+    from neuron_explainer.records import RecordConfig, build_feature_record
+
+    rng = np.random.default_rng(0)
+    acts = rng.random((80, 10)) * (rng.random((80, 10)) < 0.3)
+    tokens = [[f"t{i}" for i in range(10)] for _ in range(80)]
+    rec = build_feature_record(tokens, acts, 5, RecordConfig(window=10, n_quantiles=4))
+    rec.extras = {"neighbours": [{"index": 2, "cosine": 0.7}], "logits_note": "no head here"}
+    d = feature_dashboard(rec, {})
+    assert d["density_histogram"]["log10_firing_rate"] == pytest.approx(np.log10(rec.firing_rate))
+    assert sum(d["density_histogram"]["counts"]) == int((acts > 0).sum())
+    assert [len(q["examples"]) for q in d["quantile_examples"]] == [len(q) for q in rec.quantiles]
+    for q in d["quantile_examples"]:  # each interval brackets its examples' peaks
+        lo, hi = q["interval"]
+        assert all(lo <= max(x["activations"]) <= hi for x in q["examples"])
+    assert [q["interval"][0] for q in d["quantile_examples"]] == sorted(
+        q["interval"][0] for q in d["quantile_examples"]
+    )
+    assert d["top_logits"] is None and d["bottom_logits"] is None and d["logits_note"] == "no head here"
+    assert d["neighbours"] == [{"index": 2, "cosine": 0.7}]
+    assert d["score_intervals"] == dict.fromkeys(("correlation_top", "correlation_random", "correlation_all"))
