@@ -82,7 +82,7 @@ def test_data_parallel_streaming_gathers_one_buffer_for_every_process(assets, tm
     """Each process runs the model on its share of every refill; the gathered buffer is the one-process buffer, so
     relu (whose loss splits exactly over a batch) trains to the one-process result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["--arch", "relu", "--n_steps", "30"]
+    extra = ["--arch", "relu", "--n_steps", "20"]
     one = subprocess.run([sys.executable, str(ROOT / "run.py"), *_args(assets, tmp_path / "one", *extra)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

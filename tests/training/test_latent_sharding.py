@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_a_killed_sharded_run_holds_half_per_process_and_resumes_only_with_as_many(tmp_path):
     """relu with SAELens' free decoder and dead-latent resampling (every rank draws the whole dictionary's picks
     and keeps its own), killed after its first checkpoint."""
-    args = ("--arch", "relu", "--decoder_init_norm", "0.1", "--resample_every", "20", "--checkpoint_every", "20")
+    args = ("--arch", "relu", "--decoder_init_norm", "0.1", "--resample_every", "20", "--checkpoint_every", "20",
+            "--dict_ratio_exp_high", "1")  # fmt: skip
     out = tmp_path / "two"
     proc = subprocess.Popen(_command(out, 2, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -100,7 +102,7 @@ def test_a_killed_sharded_run_holds_half_per_process_and_resumes_only_with_as_ma
     assert all(s.exists() for s in states) and not (out / "results.json").exists()
 
     # Each process's checkpoint holds half of every per-latent tensor and its Adam moments, and all of b_dec.
-    whole = build_stacks(smoke(), 16, torch.device("cpu"))
+    whole = build_stacks(replace(smoke(), dict_ratio_exp_high=1), 16, torch.device("cpu"))
     full = sum(3 * p.numel() * p.element_size() for s in whole for p in s.parameters())  # weights + two moments
     full += sum(b.numel() * b.element_size() for s in whole for b in s.buffers())
     for state in states:
