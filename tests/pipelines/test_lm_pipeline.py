@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from procs import kill_after_checkpoint
 import run
 from sparse_coding.eval.reconstruction import ce_and_kl
 from sparse_coding.models.language_model import load_language_model
+from utils import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = {
@@ -43,6 +45,24 @@ def _cli(*args, timeout=180):
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+@dataclass
+class Exit:
+    returncode: int
+    stderr: str
+
+
+def _main(capsys, *args) -> Exit:
+    """run.py's entry in this process (its run_main path: the same one line and exit code as the script), which
+    spares a failing case the interpreter's start-up."""
+    capsys.readouterr()
+    try:
+        run_main(lambda: run.main(list(args)))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return Exit(code, capsys.readouterr().err)
 
 
 def test_smoke_run_writes_the_contract_and_reuses_activations(assets, tmp_path, capsys):
@@ -155,15 +175,16 @@ def test_wandb_offline_logs_and_keeps_the_key_out(assets, tmp_path):
         (["--batch_size", "4096"], "smallest chunk group"),
     ],
 )
-def test_bad_input_gives_one_clear_message(assets, tmp_path, extra, message):
-    r = _cli(*_args(assets, tmp_path / "run", "--activations_dir", str(tmp_path / "acts"), *extra))
+def test_bad_input_gives_one_clear_message(assets, tmp_path, extra, message, capsys):
+    r = _main(capsys, *_args(assets, tmp_path / "run", "--activations_dir", str(tmp_path / "acts"), *extra))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_empty_dataset_manifest_mismatch_and_corrupt_chunk(assets, tmp_path):
+def test_empty_dataset_manifest_mismatch_and_corrupt_chunk(assets, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
-    r = _cli(
+    r = _main(
+        capsys,
         *_args(
             assets,
             tmp_path / "r1",
@@ -171,16 +192,18 @@ def test_empty_dataset_manifest_mismatch_and_corrupt_chunk(assets, tmp_path):
             str(tmp_path / "empty.jsonl"),
             "--activations_dir",
             str(tmp_path / "acts_empty"),
-        )
+        ),
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     acts = tmp_path / "acts"
-    assert _cli(*_args(assets, tmp_path / "r2", "--activations_dir", str(acts), "--n_steps", "2")).returncode == 0
-    r = _cli(*_args(assets, tmp_path / "r3", "--activations_dir", str(acts), "--activation_dtype", "fp16"))
+    assert (
+        _main(capsys, *_args(assets, tmp_path / "r2", "--activations_dir", str(acts), "--n_steps", "2")).returncode == 0
+    )
+    r = _main(capsys, *_args(assets, tmp_path / "r3", "--activations_dir", str(acts), "--activation_dtype", "fp16"))
     assert r.returncode == 2 and "other settings" in r.stderr
     before = (acts / "chunk_00000.safetensors").read_bytes()
     (acts / "chunk_00002.safetensors").write_bytes(b"\x00" * 16)
-    r = _cli(*_args(assets, tmp_path / "r4", "--activations_dir", str(acts)))
+    r = _main(capsys, *_args(assets, tmp_path / "r4", "--activations_dir", str(acts)))
     assert r.returncode == 2 and "unreadable" in r.stderr
     assert (acts / "chunk_00000.safetensors").read_bytes() == before  # the other chunks are untouched
     assert (tmp_path / "r2" / "results.json").is_file()
