@@ -4,18 +4,16 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from lm_fixtures import smoke_run_args
-from procs import kill_after_checkpoint
+from procs import in_process, kill_after_checkpoint
 
 import run
 from sparse_coding.eval.reconstruction import ce_and_kl
 from sparse_coding.models.language_model import load_language_model
-from utils import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = {
@@ -47,22 +45,8 @@ def _cli(*args, timeout=180):
     )
 
 
-@dataclass
-class Exit:
-    returncode: int
-    stderr: str
-
-
-def _main(capsys, *args) -> Exit:
-    """run.py's entry in this process (its run_main path: the same one line and exit code as the script), which
-    spares a failing case the interpreter's start-up."""
-    capsys.readouterr()
-    try:
-        run_main(lambda: run.main(list(args)))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return Exit(code, capsys.readouterr().err)
+def _main(capsys, *args):
+    return in_process(capsys, run.main, *args)
 
 
 def test_smoke_run_writes_the_contract_and_reuses_activations(assets, tmp_path, capsys):

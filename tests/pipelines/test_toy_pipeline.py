@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import kill_after_checkpoint
+from procs import in_process, kill_after_checkpoint
 
 import replicate_toy_models
 from sparse_coding.pipelines.toy import ARCHS_PLOT
@@ -143,8 +143,8 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
         (["--config", "/nonexistent.yaml"], "not found"),
     ],
 )
-def test_bad_input_gives_one_clear_message(tmp_path, args, message):
-    r = _cli("--preset", "smoke", "--out", str(tmp_path / "run"), *args)
+def test_bad_input_gives_one_clear_message(tmp_path, args, message, capsys):
+    r = in_process(capsys, replicate_toy_models.main, "--preset", "smoke", "--out", str(tmp_path / "run"), *args)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -157,7 +157,7 @@ def test_unwritable_out_is_refused(tmp_path):
     assert r.returncode == 2 and "cannot write to output folder" in r.stderr
 
 
-def test_config_file_and_flags(tmp_path):
+def test_config_file_and_flags(tmp_path, capsys):
     conf = tmp_path / "c.yaml"
     conf.write_text("n_steps: 7\nlr: 0.01\n")
     replicate_toy_models.main(
@@ -170,9 +170,11 @@ def test_config_file_and_flags(tmp_path):
     cfg = json.loads((tmp_path / "run3" / "config.json").read_text())
     assert cfg["lr"] == 0.001 and cfg["k_values"] == [3] and cfg["preset"] == "smoke"
     conf.write_text("n_steps: many\n")
-    r = _cli("--preset", "smoke", "--config", str(conf), "--out", str(tmp_path / "run4"))
+    r = in_process(capsys, replicate_toy_models.main, "--preset", "smoke", "--config", str(conf), "--out",
+                   str(tmp_path / "run4"))  # fmt: skip
     assert r.returncode == 2 and "field n_steps: expected int, got 'many'" in r.stderr
     bad = tmp_path / "bad.json"
     bad.write_text('{"n_stepz": 3}')
-    r = _cli("--preset", "smoke", "--config", str(bad), "--out", str(tmp_path / "run2"))
+    r = in_process(capsys, replicate_toy_models.main, "--preset", "smoke", "--config", str(bad), "--out",
+                   str(tmp_path / "run2"))  # fmt: skip
     assert r.returncode == 2 and "unknown field(s): n_stepz" in r.stderr
