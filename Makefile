@@ -13,6 +13,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	@# circuit-tracer only for its CLT loader (tests read our CLT folders with it); its pins on transformers clash
+	$(PY) -m pip install -q --no-deps "circuit-tracer==0.5.0"
 	$(PY) -m pip install -q --no-deps -e .
 	@# Build the CPU kernels now, not inside a first training run (a warning, not a failure, without g++).
 	$(PY) -c "from sparse_coding.saes.kernels import cpu_kernel_available as ok; ok()"

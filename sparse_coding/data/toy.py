@@ -57,6 +57,15 @@ class ToyDataConfig(Config):
     exclusive_children: bool = option(True, "at most one child of a parent fires at a time (else independently)")
     child_mix: float = option(0.0, "a child's vector is normalise(own + child_mix · parent's vector)", ge=0)
     noise_std: float = option(0.0, "std of isotropic Gaussian noise added to each activation", ge=0)
+    n_layers: int = option(
+        0,
+        "0: the report's toy; L > 0: the cross-layer toy for CLTs, L layers of d-dimensional inputs and outputs, "
+        "each true feature read in one layer and written into that layer and some later ones",
+        ge=0,
+    )
+    write_prob: float = option(
+        0.5, "cross-layer toy: a feature writes into each later layer with this probability", ge=0, le=1
+    )
 
     def check(self) -> None:
         super().check()
@@ -68,6 +77,8 @@ class ToyDataConfig(Config):
             )
         if self.correlated_pairs and self.correlated_components:
             raise ConfigError("correlated_pairs and correlated_components cannot be combined; choose one")
+        if self.n_layers and self.n_ground_truth < self.n_layers:
+            raise ConfigError(f"the cross-layer toy needs a true feature per layer at least ({self.n_layers} layers)")
         if self.n_tree_features + 2 * self.correlated_pairs > self.n_ground_truth:
             raise ConfigError(f"{self.correlated_pairs} correlated pairs do not fit beside the hierarchy's features")
         top = float(firing_rates(self).max())
@@ -114,6 +125,12 @@ class ToyGenerator:
     Hierarchy: features 0..roots-1 are the roots of trees laid out level by level (root r's children at
     level 1 are roots + r·b .. roots + r·b + b - 1, and so on). A child can fire only where its parent fires.
     `parent` [n] holds each feature's parent (-1 for none) and `depth` [n] its level (-1 outside every tree).
+
+    Cross-layer toy (n_layers L > 0), the ground truth a cross-layer transcoder should recover: feature i is read in
+    layer i mod L, its input vector being the report's random unit vector there (`readers` [n, L·d], zero in the
+    other layers), and it writes a random direction into its own layer's output and into each later layer's with
+    probability write_prob (`features` [n, L·d]: the writes, concatenated over layers, unit norm). An example is
+    every layer's input then every layer's output, [L·d + L·d]: what run.py gives a CLT.
     """
 
     def __init__(
@@ -145,6 +162,10 @@ class ToyGenerator:
             self.chol = _pair_cholesky(n, cfg.n_tree_features, cfg.correlated_pairs, cfg.pair_correlation)
             self.chol = self.chol.to(self.device)
         self.parent, self.depth = self.parent.to(self.device), self.depth.to(self.device)
+        self.readers: Tensor | None = None
+        if cfg.n_layers:
+            self.readers, self.features = _cross_layer(self.features.cpu(), cfg.n_layers, cfg.write_prob, setup)
+            self.readers, self.features = self.readers.to(self.device), self.features.to(self.device)
         self.rng = torch.Generator(device=self.device).manual_seed(seed + 1 if sample_seed is None else sample_seed)
 
     def sample(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -159,9 +180,11 @@ class ToyGenerator:
         if self.cfg.hierarchy_roots:
             active = self._descend(active)
         codes = active * self._magnitudes(batch)
-        x = codes @ self.features
+        x = codes @ (self.features if self.readers is None else self.readers)
         if self.cfg.noise_std > 0:
-            x = x + self.cfg.noise_std * torch.randn(batch, self.cfg.activation_dim, generator=g, device=self.device)
+            x = x + self.cfg.noise_std * torch.randn(*x.shape, generator=g, device=self.device)
+        if self.readers is not None:  # the cross-layer toy: the layers' inputs, then their outputs
+            x = torch.cat([x, codes @ self.features], dim=1)
         return x, codes
 
     def _descend(self, active: Tensor) -> Tensor:
@@ -244,3 +267,18 @@ def _pair_cholesky(n: int, first: int, pairs: int, rho: float) -> Tensor:
     chol[a + 1, a] = rho
     chol[a + 1, a + 1] = math.sqrt(1 - rho**2)
     return chol
+
+
+def _cross_layer(unit: Tensor, L: int, write_prob: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The cross-layer toy's (readers, writes), each [n, L·d], from the report's unit vectors [n, d]: feature i reads
+    its vector in layer i mod L and writes a fresh random direction into that layer and each later one it reaches
+    (with write_prob), its writes scaled to unit norm together."""
+    n, d = unit.shape
+    source = torch.arange(n) % L
+    readers = torch.zeros(n, L, d)
+    readers[torch.arange(n), source] = unit
+    later = torch.arange(L)[None, :] > source[:, None]
+    writes_to = (torch.arange(L)[None, :] == source[:, None]) | (later & (torch.rand(n, L, generator=g) < write_prob))
+    writes = torch.randn(n, L, d, generator=g) * writes_to[..., None]
+    writes = writes.flatten(1)
+    return readers.flatten(1), writes / writes.norm(dim=-1, keepdim=True)

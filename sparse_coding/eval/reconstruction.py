@@ -47,11 +47,13 @@ def evaluate(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> list[metrics
 def truth_meters(
     stacks: list[SAE], features: Tensor, parent: Tensor, x_eval: Tensor, true_codes: Tensor, batch_size: int
 ) -> list[TruthMeter]:
-    """Gives, per stack, the recovery sums of every SAE against the true codes [N, n] of x_eval [N, d]."""
+    """Gives, per stack, the recovery sums of every SAE against the true codes [N, n] of x_eval [N, d] (a
+    transcoder's [N, d_in + d_out])."""
     meters = [TruthMeter(features, parent, s.decoder().detach()) for s in stacks]
     for xb, cb in zip(x_eval.split(batch_size), true_codes.split(batch_size), strict=True):
+        x = stacks[0].split_batch(xb.float())[0]
         for sae, meter in zip(stacks, meters, strict=True):
-            meter.update(cb, sae.encode(xb.float()))
+            meter.update(cb, sae.encode(x))
     return meters
 
 

@@ -267,7 +267,7 @@ class ProbeSet:
 
     @torch.no_grad()
     def score(self, sae: SAE) -> dict[str, Any]:
-        codes = sae.encode(self.acts.to(sae.W_dec.device))[0].cpu().numpy()
+        codes = sae.encode(self.acts.to(sae.b_dec.device))[0].cpu().numpy()
         return probing.probe_tasks({"sae": codes}, self.tasks, self.cfg.probe_k)
 
 

@@ -154,8 +154,7 @@ def load_into_stacks(stacks: list[SAE], source: str) -> list[str]:
                 continue
             for m in range(stack.n_models):
                 if same_hparams(stack.hparams(m), sae.hparams(0)):
-                    weights = sae.export(0)
-                    stack.load_exported(m, stack.shard.take(weights) if stack.shard is not None else weights)
+                    stack.load_exported(m, stack.shard_of(sae.export(0)))
                     loaded.append(sub.name)
     if not loaded:
         raise ConfigError(f"--load_autoencoders: no SAE in {folder} matches this sweep's architecture, sizes and knobs")

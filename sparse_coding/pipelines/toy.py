@@ -56,7 +56,19 @@ class ToyRunConfig(SweepConfig, ToyDataConfig):
 
     def check(self) -> None:
         super().check()
-        self.check_sizes(self.activation_dim)
+        cross = [cls.cross_layer for cls in self.sae_classes()]
+        if any(cross) != all(cross) or any(cross) != bool(self.n_layers):
+            raise ConfigError(
+                "cross-layer transcoders (--arch clt, clt_batchtopk, clt_jumprelu) train on the cross-layer toy "
+                "(--n_layers L) and only they do: give both, or neither"
+            )
+        self.check_sizes(self.widths()[0])
+
+    def widths(self) -> tuple[int, int | None]:
+        """The SAEs' input width and a transcoder's output width (None: SAEs): every layer's, on the cross-layer toy."""
+        if self.n_layers:
+            return self.n_layers * self.activation_dim, self.n_layers * self.activation_dim
+        return self.activation_dim, None
 
     def data_config(self) -> ToyDataConfig:
         return ToyDataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ToyDataConfig)})
@@ -150,7 +162,31 @@ def hierarchy() -> ToyRunConfig:
     )
 
 
-PRESETS = {"paper": paper, "cpu": cpu, "archs": archs, "smoke": smoke, "hierarchy": hierarchy}
+def clt() -> ToyRunConfig:
+    """The cross-layer toy: 3 layers of 32 dimensions, 192 true features (64 read in each layer, 2× superposition)
+    writing into their own layer and, each with probability 1/2, into every later one; a TopK CLT with 64 latents per
+    layer (the true count), k per layer swept around the 2 features that fire per layer on average. About a minute
+    on 2 cores. --arch clt_batchtopk or clt_jumprelu trains the other activations on the same problem."""
+    return dataclasses.replace(
+        cpu(),
+        preset="clt",
+        arch="clt",
+        n_layers=3,
+        activation_dim=32,
+        n_ground_truth=192,
+        mean_active=6.0,
+        k_values=[2, 3, 4],
+        l1_exp_low=-3,
+        l1_exp_high=-1,
+        dict_ratio_exp_low=1,
+        dict_ratio_exp_high=1,
+        n_steps=2000,
+        dead_tokens_threshold=200_000,
+        threads=1,
+    )
+
+
+PRESETS = {"paper": paper, "cpu": cpu, "archs": archs, "smoke": smoke, "hierarchy": hierarchy, "clt": clt}
 
 
 class ToySource:
@@ -192,7 +228,7 @@ def train_and_score(
     """run_toy's work in one process, or in each of several sharing every SAE's latents."""
     shards = info.world if cfg.parallel == "latents" else 1
     if info.is_main:
-        print(f"sweep: {check_sweep_fits(cfg, cfg.activation_dim, device, shards)}")
+        print(f"sweep: {check_sweep_fits(cfg, cfg.widths()[0], device, shards, cfg.widths()[1])}")
         print(Precision(cfg.train_dtype).describe(device))
     gen = ToyGenerator(cfg.data_config(), seed=cfg.seed, device=device)
     fingerprint = config_fingerprint({**asdict(cfg), "world": info.world})
@@ -204,7 +240,8 @@ def train_and_score(
         truth = {"features": gen.features, "probs": gen.probs, "parent": gen.parent, "depth": gen.depth}
         save_tensors(out_dir / "ground_truth.safetensors", truth)
 
-    stacks = build_stacks(cfg, cfg.activation_dim, device, info=info)
+    d_in, d_out = cfg.widths()
+    stacks = build_stacks(cfg, d_in, device, d_out, info=info)
     log = TrainLog(out_dir / LOG_FILE if info.is_main else None, stacks)
     trainer = Trainer(stacks, lr=cfg.lr, schedule=Schedule.from_config(cfg), grad_clip=cfg.grad_clip)
     train(trainer, ToySource(gen), cfg, ckpt_dir, fingerprint, log, progress)
@@ -268,7 +305,7 @@ def plot_results(cfg: ToyRunConfig, runs: list[dict[str, Any]], out_dir: Path) -
     """Writes the four heatmaps of the report (rows: the knob, l1 or k; columns: dictionary ratio); for a sweep
     of several architectures, one figure of MMCS, FVU and dead latents against L0 and the comparison table and
     absorption figure (eval/comparison.py) instead."""
-    truth = f"; true features at ratio {cfg.n_ground_truth / cfg.activation_dim:g}"
+    truth = f"; true features at ratio {cfg.n_ground_truth / cfg.widths()[0]:g}"
     if len(cfg.arch_names()) > 1:
         keys = [("mmcs", "MMCS with ground truth"), ("fvu", "FVU"), ("dead_features", "dead latents")]
         metrics_against_l0(runs, keys, "arch", "architectures" + truth, out_dir / ARCHS_PLOT)

@@ -8,6 +8,7 @@ from typing import Any
 from sparse_coding.errors import ConfigError, SAEFolderError
 from sparse_coding.saes.base import SAE, TrainOutput
 from sparse_coding.saes.batchtopk import BatchTopKSAE
+from sparse_coding.saes.clt import BatchTopKCLT, CrossLayerTranscoder, JumpReLUCLT
 from sparse_coding.saes.gated import GatedSAE
 from sparse_coding.saes.jumprelu import JumpReLUSAE
 from sparse_coding.saes.matryoshka import MatryoshkaSAE
@@ -21,6 +22,9 @@ SAES: dict[str, type[SAE]] = {
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
     "matryoshka": MatryoshkaSAE,
+    "clt": CrossLayerTranscoder,
+    "clt_batchtopk": BatchTopKCLT,
+    "clt_jumprelu": JumpReLUCLT,
 }
 
 
@@ -28,6 +32,11 @@ def register(cls: type[SAE]) -> type[SAE]:
     """Adds an architecture to the registry (usable as a class decorator)."""
     SAES[cls.architecture] = cls
     return cls
+
+
+def single_hook_archs() -> list[str]:
+    """The architectures that train on one hook's activations (all but the cross-layer families): --arch all."""
+    return [arch for arch, cls in SAES.items() if not cls.cross_layer]
 
 
 def sae_class(arch: str) -> type[SAE]:
@@ -53,4 +62,13 @@ def arch_for_saelens_name(name: str) -> str:
     raise SAEFolderError(f"no architecture here matches SAELens' {name!r}")
 
 
-__all__ = ["SAE", "SAES", "TrainOutput", "arch_for_saelens_name", "build_sae", "register", "sae_class"]
+__all__ = [
+    "SAE",
+    "SAES",
+    "TrainOutput",
+    "arch_for_saelens_name",
+    "build_sae",
+    "register",
+    "sae_class",
+    "single_hook_archs",
+]

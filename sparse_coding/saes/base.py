@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from sparse_coding.training.config import SweepConfig
 
 
+WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens' weights file; a family with another layout names its own files
 # Latents per independently seeded block of the initialisation (see SAE.init_rows).
 INIT_BLOCK = 4096
 _SKIP_INIT: ContextVar[bool] = ContextVar("skip_init", default=False)
@@ -86,6 +87,8 @@ class SAE(nn.Module, ABC):
     # The matmuls of the architecture's dense training step, [B, d_in]×[d_in, d_sae]-sized each (bench/sae_step.py
     # times them as the roofline): encoder forward, decoder forward, the codes' gradient, both weight gradients.
     roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
+    # Trained on several layers at once (CLTs): batches hold every layer's input and output; not in --arch all.
+    cross_layer: ClassVar[bool] = False
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
     default_resample_every: ClassVar[int] = 0  # steps between resamplings where the config leaves it (0: never)
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
@@ -134,17 +137,22 @@ class SAE(nn.Module, ABC):
         self.sparsity_scale = 1.0  # the fraction of its sparsity coefficient a model uses now (the trainer's warm-up)
         self.track_firing = False  # whether train_forward keeps steps_since_fired (resampling architectures)
         self.precision: Precision = FP32  # how the big matmuls run (--train_dtype; saes/precision.py)
-        M, F_ = self.n_models, self.d_local
-        self.W_enc = nn.Parameter(torch.empty(M, F_, d_in))
-        self.b_enc = nn.Parameter(torch.zeros(M, F_))
-        self.W_dec = nn.Parameter(torch.empty(M, F_, self.d_out))
+        self.make_weights()
         # Without a decoder bias b_dec stays a zero buffer, so the SAELens layout still has one.
         if decoder_bias:
-            self.b_dec = nn.Parameter(torch.zeros(M, self.d_out))
+            self.b_dec = nn.Parameter(torch.zeros(self.n_models, self.d_out))
         else:
-            self.register_buffer("b_dec", torch.zeros(M, self.d_out))
+            self.register_buffer("b_dec", torch.zeros(self.n_models, self.d_out))
         if skip:  # starts at zero, as SAELens', so training begins from the plain transcoder
-            self.W_skip = nn.Parameter(torch.zeros(M, self.d_out, d_in))
+            self.W_skip = nn.Parameter(torch.zeros(self.n_models, self.d_out, d_in))
+
+    def make_weights(self) -> None:
+        """Makes the per-latent weights, uninitialised: W_enc [M, d_local, d_in], b_enc [M, d_local] (zeros) and
+        W_dec [M, d_local, d_out]; a family whose latents are laid out otherwise (saes/clt.py) makes its own."""
+        M, F_ = self.n_models, self.d_local
+        self.W_enc = nn.Parameter(torch.empty(M, F_, self.d_in))
+        self.b_enc = nn.Parameter(torch.zeros(M, F_))
+        self.W_dec = nn.Parameter(torch.empty(M, F_, self.d_out))
 
     @property
     def centers_input(self) -> bool:
@@ -178,18 +186,25 @@ class SAE(nn.Module, ABC):
             return self.W_dec.norm(dim=-1)
         return torch.ones(self.n_models, self.d_local, device=self.W_dec.device, dtype=self.W_dec.dtype)
 
-    def init_rows(self, tag: str, tail: tuple[int, ...], draw: Callable[[Tensor, torch.Generator], object]) -> Tensor:
+    def init_rows(
+        self,
+        tag: str,
+        tail: tuple[int, ...],
+        draw: Callable[[Tensor, torch.Generator], object],
+        span: tuple[int, int, int] | None = None,
+    ) -> Tensor:
         """Gives the initial values of a per-latent tensor for the latents held here, [M, d_local, *tail]: each
         model's rows drawn by draw(block, generator) in blocks of INIT_BLOCK latents, every block from a generator
         seeded by (the stack's seed, model, tag, block). So a latent's first value does not depend on how the
-        latents are sharded, and a shard draws only the blocks it holds."""
-        out = torch.empty(self.n_models, self.d_local, *tail)
+        latents are sharded, and a shard draws only the blocks it holds. span: (first, stop, total) latents, for
+        a family with several groups of latents (a cross-layer transcoder's layers; default: this stack's)."""
+        lo, hi, total = span or (self.latent_start, self.latent_start + self.d_local, self.d_sae)
+        out = torch.empty(self.n_models, hi - lo, *tail)
         if _SKIP_INIT.get():
             return out
-        lo, hi = self.latent_start, self.latent_start + self.d_local
         for m in range(self.n_models):
             for b in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1):
-                start, stop = b * INIT_BLOCK, min((b + 1) * INIT_BLOCK, self.d_sae)
+                start, stop = b * INIT_BLOCK, min((b + 1) * INIT_BLOCK, total)
                 key = hashlib.blake2b(f"{self.init_seed}/{m}/{tag}/{b}".encode(), digest_size=8).digest()
                 block = torch.empty(stop - start, *tail)
                 draw(block, torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
@@ -263,6 +278,16 @@ class SAE(nn.Module, ABC):
         return self.precision.baddbmm(self.encoder_bias()[:, None, :], self.center(x), self.encoder().mT)
 
     # --- latent sharding: where the shards meet (saes/shard.py); each is the plain value when not sharded --------
+    def latent_axis(self, name: str) -> int | None:
+        """The axis along which the state tensor `name` holds one entry per latent (what sharding splits and
+        gathering puts back together); None for a tensor every shard holds whole."""
+        return 1 if name in self.latent_tensors else None
+
+    def shard_of(self, exported: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This shard's part of one SAE's exported weights (`export`'s layout), to continue a saved SAE on shards;
+        the weights themselves when not sharded."""
+        return exported if self.shard is None else self.shard.take(exported)
+
     def center_bias(self) -> Tensor:
         """b_dec as the encoder subtracts it: its gradient through the encoder is summed over the shards."""
         return self.shard.replicate(self.b_dec) if self.shard is not None else self.b_dec
@@ -347,6 +372,11 @@ class SAE(nn.Module, ABC):
     def check_sweep(cls, cfg: SweepConfig, dict_sizes: list[int]) -> None:
         """Raises ConfigError for a sweep this architecture cannot train (e.g. k above a dictionary size)."""
 
+    @classmethod
+    def weights_per_latent(cls, d_in: int, d_out: int, cfg: SweepConfig) -> float:
+        """The parameters each latent holds (for the memory estimate): its encoder row, bias and decoder row."""
+        return d_in + d_out + 1
+
     def stack_options(self) -> dict[str, Any]:
         """Gives the options this stack was built with (`options` by name, and a transcoder's d_out and skip),
         to rebuild it or a slice of it."""
@@ -430,6 +460,10 @@ class SAE(nn.Module, ABC):
         if self.skip:
             tensors["W_skip"] = self.W_skip[m].clone()  # [d_out, d_in], as SAELens
         return tensors
+
+    def weight_files(self, m: int) -> dict[str, dict[str, Tensor]]:
+        """Gives model m's exported weights as the files of its saved folder: SAELens' one file."""
+        return {WEIGHTS_FILE: self.export(m)}
 
     @torch.no_grad()
     def load_exported(self, m: int, tensors: dict[str, Tensor]) -> None:

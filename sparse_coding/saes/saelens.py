@@ -1,5 +1,6 @@
 """SAEs on disk in the SAELens layout: a folder with cfg.json + sae_weights.safetensors (+ sparsity.safetensors),
-which SAELens' `SAE.load_from_disk` reads. What is architecture-specific comes from the SAE class."""
+which SAELens' `SAE.load_from_disk` reads. What is architecture-specific comes from the SAE class, the weight files
+too: a cross-layer transcoder writes circuit-tracer's W_enc_{i}/W_dec_{i} files instead (saes/clt.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import Tensor
 from sparse_coding.errors import SAEFolderError
 from sparse_coding.files import load_tensors, read_json, save_tensors, write_json
 from sparse_coding.saes import SAE, arch_for_saelens_name, sae_class
+from sparse_coding.saes.base import WEIGHTS_FILE
 
-CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+CFG_FILE, SPARSITY_FILE = "cfg.json", "sparsity.safetensors"
 SAELENS_LAYOUT = "6.0.0"
 
 
@@ -27,13 +29,14 @@ def save_sae(
     """Writes model m of a stack as a SAELens folder: cfg.json + sae_weights.safetensors (+ sparsity)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = sae.export(m)
+    files = sae.weight_files(m)
+    dtype = next(t.dtype for tensors in files.values() for t in tensors.values() if t.is_floating_point())
     cfg = {
         "architecture": sae.saelens_name(),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         **({"d_out": sae.d_out} if sae.transcoder else {}),
-        "dtype": str(weights["W_enc"].dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
         "apply_b_dec_to_input": sae.centers_input,
         "normalize_activations": "none",
@@ -50,7 +53,8 @@ def save_sae(
             **metadata,
         },
     }
-    save_tensors(folder / WEIGHTS_FILE, weights)
+    for name, tensors in files.items():
+        save_tensors(folder / name, tensors)
     if feature_density is not None:  # SAELens stores log10 of each feature's firing frequency
         save_tensors(folder / SPARSITY_FILE, {"sparsity": torch.log10(feature_density.float() + 1e-10)})
     write_json(folder / CFG_FILE, cfg)  # last: a folder with cfg.json is complete
@@ -61,13 +65,14 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SA
     """Reads a SAELens folder written by `save_sae` (or a compatible one) as a one-model stack; gives it and
     its cfg.json."""
     folder = Path(folder)
-    if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+    weight_files = sorted(p for p in folder.glob("*.safetensors") if p.name != SPARSITY_FILE)
+    if not (folder / CFG_FILE).is_file() or not weight_files:
         raise SAEFolderError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     cfg = read_json(folder / CFG_FILE)
     try:
         meta = cfg.get("metadata") or {}
         cls = sae_class(meta.get("arch") or arch_for_saelens_name(cfg["architecture"]))
-        weights = load_tensors(folder / WEIGHTS_FILE)
+        weights = {name: t for path in weight_files for name, t in load_tensors(path).items()}
         options = {k: meta[k] for k in cls.options if k in meta}
         if "d_out" in cfg:  # a transcoder: b_dec is never applied to the input, whether trained or not
             options.update(d_out=cfg["d_out"], skip="W_skip" in weights, decoder_bias=meta.get("decoder_bias", True))

@@ -96,7 +96,8 @@ class SparseEncode(torch.autograd.Function):
     """Encoder forward (one dense matmul into a reused buffer, then `sae.select`; optionally the AuxK top-k over
     dead latents from the same pre-activations) with a backward that touches only the selected entries.
 
-    x: [B, d_in] → vals, idx in either layout (see the module docstring), aux_vals, aux_idx [M, B, k_aux].
+    x: [B, d_in] shared by the M models, or [M, B, d_in] one each (a cross-layer transcoder's layers) → vals, idx in
+    either layout (see the module docstring), aux_vals, aux_idx [M, B, k_aux].
     b_center: the bias subtracted from x (the SAE's center_bias()). pre: the pre-activations [M, B, d_sae], bias
     included, where the caller has computed them already (relu chooses its path from them); the encoder forward is
     then skipped. On a shard of the latents the selections are the global ones (saes/shard.py)."""
@@ -104,8 +105,9 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_center, sae: Any, dead: Tensor | None, k_aux: int, pre: Tensor | None = None):  # type: ignore[override]
         cache: BufferCache = sae._cache
-        M, B, F_ = W_enc.shape[0], x.shape[0], W_enc.shape[1]
-        xc = x.unsqueeze(0) - b_center[:, None, :] if sae.centers_input else x.unsqueeze(0).expand(M, -1, -1)
+        M, B, F_ = W_enc.shape[0], x.shape[-2], W_enc.shape[1]
+        xs = x if x.dim() == 3 else x.unsqueeze(0)
+        xc = xs - b_center[:, None, :] if sae.centers_input else xs.expand(M, -1, -1)
         bias = None
         if pre is None:
             pre = cache.get("pre", (M, B, F_), b_enc)  # fp32 whatever x's dtype (a bf16 store's, say)

@@ -10,7 +10,7 @@ from typing import Any
 
 from sparse_coding.config import Config, option
 from sparse_coding.errors import ConfigError
-from sparse_coding.saes import SAE, SAES, sae_class
+from sparse_coding.saes import SAE, SAES, sae_class, single_hook_archs
 from sparse_coding.saes.precision import TRAIN_DTYPES
 
 LR_DECAYS = ("linear", "cosine")
@@ -144,7 +144,7 @@ class SweepConfig(Config):
 
     def arch_names(self) -> list[str]:
         """Gives the architectures of the sweep: `arch` is one name, several joined by commas, or 'all'."""
-        names = list(SAES) if self.arch == "all" else [a.strip() for a in self.arch.split(",")]
+        names = single_hook_archs() if self.arch == "all" else [a.strip() for a in self.arch.split(",")]
         return list(dict.fromkeys(names))
 
     def sae_classes(self) -> list[type[SAE]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leaves the process group (call it in a `finally`). On the way out of a run that went well every rank first
+    waits for the others: a rank that tore gloo down while a peer was still finishing died of SIGABRT now and then
+    ("terminate called without an active exception"); after an error no rank waits for peers that may never come."""
     if info.active and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -117,10 +123,10 @@ def slice_stack(stack: SAE, models: list[int]) -> SAE:
     """Gives a stack holding only `models` of `stack`, with their parameters, buffers and hyperparameters."""
     with uninitialised():
         part = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in models], **stack.stack_options())
-    index = torch.tensor(models, device=stack.W_dec.device)
+    index = torch.tensor(models, device=stack.b_dec.device)
     part.load_state_dict({k: v.index_select(0, index) for k, v in stack.state_dict().items()})
     part.precision = stack.precision
-    return part.to(stack.W_dec.device)
+    return part.to(stack.b_dec.device)
 
 
 def latent_shard(d_sae: int, info: DistInfo) -> LatentShard:
@@ -134,8 +140,9 @@ def gather_stack(stack: SAE) -> SAE | None:
     shard = stack.shard
     if shard is None:
         return stack
+    axes = {name: stack.latent_axis(name) for name in stack.state_dict()}
     state = {
-        name: shard.gather_to_main(t, dim=1) if name in stack.latent_tensors else t
+        name: t if axes[name] is None else shard.gather_to_main(t, dim=axes[name])  # type: ignore[arg-type]
         for name, t in stack.state_dict().items()
     }
     if shard.rank != 0:
@@ -145,7 +152,7 @@ def gather_stack(stack: SAE) -> SAE | None:
         whole = type(stack)(stack.d_in, stack.d_sae, [stack.hparams(m) for m in range(stack.n_models)], **options)
     whole.load_state_dict(state)
     whole.precision, whole.sparsity_scale = stack.precision, stack.sparsity_scale
-    return whole.to(stack.W_dec.device)
+    return whole.to(stack.b_dec.device)
 
 
 def average_tensors(tensors: list[Tensor], info: DistInfo) -> None:

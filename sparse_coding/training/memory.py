@@ -14,14 +14,18 @@ FLOAT_BYTES = 4
 GiB = 2**30
 
 
-def sweep_memory_bytes(cfg: SweepConfig, d_in: int, shards: int = 1) -> int:
+def sweep_memory_bytes(cfg: SweepConfig, d_in: int, shards: int = 1, d_out: int | None = None) -> int:
     """Gives an upper estimate of the memory training takes in one process: every parameter four times (value,
     gradient, Adam's two moments) and, per stack, three [n_models, batch, d_sae] tensors (the codes or
     pre-activations of a step, their gradient, and one more for evaluation), all in fp32. With the latents split
-    over `shards` processes each holds that share of every per-latent tensor; b_dec is whole on each."""
-    sizes, n_models = cfg.dict_sizes(d_in), n_grid_points(cfg)
-    params = sum(n_models * ((2 * f * d_in + f) // shards + d_in) for f in sizes)
-    scratch = sum(3 * n_models * cfg.batch_size * f // shards for f in sizes)
+    over `shards` processes each holds that share of every per-latent tensor; b_dec is whole on each. d_out: a
+    transcoder's output width (default d_in)."""
+    sizes, d_out = cfg.dict_sizes(d_in), d_out or d_in
+    params = scratch = 0
+    for cls in cfg.sae_classes():
+        n_models, per_latent = len(cfg.hparam_grid(cls)), cls.weights_per_latent(d_in, d_out, cfg)
+        params += sum(n_models * (int(f * per_latent) // shards + d_out) for f in sizes)
+        scratch += sum(3 * n_models * cfg.batch_size * f // shards for f in sizes)
     return FLOAT_BYTES * (4 * params + scratch)
 
 
@@ -37,10 +41,12 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_sweep_fits(cfg: SweepConfig, d_in: int, device: torch.device, shards: int = 1) -> str:
+def check_sweep_fits(
+    cfg: SweepConfig, d_in: int, device: torch.device, shards: int = 1, d_out: int | None = None
+) -> str:
     """Raises ConfigError when the sweep's estimated memory (per process, its latents split over `shards`) exceeds
     the device's; gives a one-line summary for the run's header."""
-    need, have = sweep_memory_bytes(cfg, d_in, shards), device_memory_bytes(device)
+    need, have = sweep_memory_bytes(cfg, d_in, shards, d_out), device_memory_bytes(device)
     sizes = cfg.dict_sizes(d_in)
     what = f"{n_grid_points(cfg) * len(sizes)} SAEs of d_in {d_in}, d_sae {min(sizes)}..{max(sizes)}"
     if shards > 1:

@@ -10,7 +10,7 @@ from procs import in_process, kill_after_checkpoint
 
 import replicate_toy_models
 from sparse_coding.pipelines.toy import ARCHS_PLOT
-from sparse_coding.saes import SAES
+from sparse_coding.saes import SAES, single_hook_archs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {
@@ -68,8 +68,8 @@ def test_every_architecture_in_one_sweep(tmp_path):
     MMCS, FVU and dead latents against L0."""
     replicate_toy_models.main(["--preset", "smoke", "--arch", "all", "--out", str(tmp_path), "--n_steps", "30"])
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert {r["arch"] for r in runs} == set(SAES)
-    for arch in SAES:
+    assert {r["arch"] for r in runs} == set(single_hook_archs())
+    for arch in single_hook_archs():
         mine = [r for r in runs if r["arch"] == arch]
         knob = SAES[arch].knob
         assert all(r["knob"] == knob and r[knob] is not None for r in mine)
@@ -86,14 +86,14 @@ def test_architectures_compared_on_a_hierarchy(tmp_path):
             "--hierarchy_depth", "2", "--n_steps", "30"]  # fmt: skip
     replicate_toy_models.main(args)
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert {r["arch"] for r in runs} == set(SAES)
+    assert {r["arch"] for r in runs} == set(single_hook_archs())
     for r in runs:
         assert r.keys() >= CONTRACT_KEYS | {"mcc", "hungarian_mmcs", "f1", "absorption", "splitting"}
         assert set(r["absorption_by_depth"]) == {"0", "1"} and 0 <= r["mcc"] <= 1
     table = (tmp_path / "comparison.md").read_text()
-    assert all(f"| {arch} |" in table for arch in SAES)
+    assert all(f"| {arch} |" in table for arch in single_hook_archs())
     assert (tmp_path / "absorption_by_depth.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "comparison.json").read_text())["best_by_mcc"].keys() == set(SAES)
+    assert json.loads((tmp_path / "comparison.json").read_text())["best_by_mcc"].keys() == set(single_hook_archs())
     r = _cli(*args)
     assert r.returncode == 2 and "already holds a finished run" in r.stderr
 
