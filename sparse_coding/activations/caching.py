@@ -4,6 +4,7 @@ reused; a half-made one is finished."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from contextlib import ExitStack
@@ -28,7 +29,7 @@ from sparse_coding.data.text import TokenStream, iter_documents
 from sparse_coding.errors import ConfigError, ModelError, StoreError
 from sparse_coding.files import read_json
 from sparse_coding.locks import store_lock
-from sparse_coding.models.language_model import LAYER_LOCS, MODEL_DTYPES, LanguageModel
+from sparse_coding.models.language_model import JOIN, LAYER_LOCS, MODEL_DTYPES, LanguageModel
 from sparse_coding.models.tokenizer import EXCLUDE_DEFAULT, parse_exclude_tokens
 
 DEFAULT_MODEL = "checkpoints/tiny"  # made by `make tiny` (train_tiny.py)
@@ -92,6 +93,10 @@ class CacheConfig(Config):
     def rows_per_chunk(self) -> int:
         return self.chunk_size_tokens // self.max_length
 
+    def cross_layer(self) -> bool:
+        """Whether one dictionary reads several layers at once (a CLT: run.py's config says, from --arch)."""
+        return False
+
 
 @dataclass(frozen=True)
 class Target:
@@ -101,6 +106,7 @@ class Target:
     hook: str
     target_hook: str | None = None
     layer: int | None = None  # when given by --layer(s)
+    layers: tuple[int, ...] = ()  # a cross-layer dictionary's layers (its hooks are them joined with '+')
 
     @property
     def name(self) -> str:
@@ -109,6 +115,11 @@ class Target:
 
 def resolve_targets(cfg: CacheConfig, lm: LanguageModel) -> list[Target]:
     """Gives the sweeps' targets from --hook_name(s) or --layer(s) and --layer_loc, by their canonical names."""
+    if cfg.cross_layer():  # one sweep over every layer's MLP input and output, joined in layer order
+        if not cfg.layers:
+            cfg.layers = list(range(lm.n_layers()))  # all of them (what circuit-tracer expects); config.json says so
+        pairs = [lm.mlp_transcode_hooks(layer) for layer in cfg.layers]
+        return [Target(JOIN.join(i for i, _ in pairs), JOIN.join(o for _, o in pairs), layers=tuple(cfg.layers))]
     hooks = cfg.hook_names or ([cfg.hook_name] if cfg.hook_name else None)
     if hooks is not None:
         if cfg.transcode:
@@ -124,16 +135,25 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")[-60:] or "x"
 
 
+def _hook_slug(target: Target) -> str:
+    """A target's part of a store's folder name; hooks joined for a cross-layer dictionary by the layer count, the
+    first input hook and a digest of them all (their last 60 characters alone would not tell layer sets apart)."""
+    if JOIN not in target.hook:
+        return _slug(target.hook + (f"__to__{target.target_hook}" if target.target_hook else ""))
+    digest = hashlib.blake2b(f"{target.hook}>{target.target_hook}".encode(), digest_size=4).hexdigest()
+    return f"{len(target.hook.split(JOIN))}layers-{_slug(target.hook.split(JOIN)[0])[-40:]}-{digest}"
+
+
 def activations_folder(cfg: CacheConfig, lm_name: str, target: Target, several: bool) -> Path:
     """Gives a target's store folder: --activations_dir (or a subfolder per hook of it when there are several),
     else one named after what it holds under data/activations/."""
-    hook = target.hook + (f"__to__{target.target_hook}" if target.target_hook else "")
     if cfg.activations_dir:
-        return Path(cfg.activations_dir) / _slug(hook) if several else Path(cfg.activations_dir)
+        return Path(cfg.activations_dir) / _hook_slug(target) if several else Path(cfg.activations_dir)
     shape = f"T{cfg.max_length}_c{cfg.chunk_size_tokens}_{cfg.activation_dtype}_x-{cfg.exclude_tokens}"
     if cfg.model_dtype != "fp32":
         shape += f"_{cfg.model_dtype}"
-    return Path("data/activations") / "__".join([_slug(lm_name), _slug(hook), _slug(cfg.dataset_name), _slug(shape)])
+    parts = [_slug(lm_name), _hook_slug(target), _slug(cfg.dataset_name), _slug(shape)]
+    return Path("data/activations") / "__".join(parts)
 
 
 def store_specs(cfg: CacheConfig, lm: LanguageModel, targets: list[Target]) -> list[StoreSpec]:
@@ -162,6 +182,7 @@ def store_specs(cfg: CacheConfig, lm: LanguageModel, targets: list[Target]) -> l
             "excluded_tokens": sorted(excluded.values()),
             "excluded_token_strings": excluded,
             "layer": t.layer,
+            **({"layers": list(t.layers)} if t.layers else {}),
             "layer_loc": cfg.layer_loc if t.layer is not None and not t.target_hook else None,
         }
         folder = activations_folder(cfg, lm.name, t, len(targets) > 1)

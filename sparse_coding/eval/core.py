@@ -45,11 +45,11 @@ def max_other_cosine(rows: Tensor, chunk: int = 2048) -> Tensor:
 
 @torch.no_grad()
 def weight_metrics(sae: SAE, m: int) -> dict[str, float]:
-    """Average max cosine between encoder vectors and between decoder vectors of SAE m (its SAELens weights)."""
-    w = sae.export(m)
+    """Average max cosine between encoder vectors and between decoder vectors of SAE m (the vectors it computes
+    with: its SAELens weights; a cross-layer transcoder's decoders over all its target layers)."""
     return {
-        "average_max_encoder_cosine_sim": float(max_other_cosine(w["W_enc"].T).mean()),
-        "average_max_decoder_cosine_sim": float(max_other_cosine(w["W_dec"]).mean()),
+        "average_max_encoder_cosine_sim": float(max_other_cosine(sae.encoder()[m].detach()).mean()),
+        "average_max_decoder_cosine_sim": float(max_other_cosine(sae.decoder()[m].detach()).mean()),
     }
 
 

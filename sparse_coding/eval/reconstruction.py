@@ -10,13 +10,15 @@ Through the model, only a language-model head loaded from the checkpoint is used
 The SAE's output replaces the activation at the positions whose (original) token the store keeps; excluded
 special tokens keep their own activation. Zero ablation zeroes every position, excluded ones included, as
 SAELens' evals (and so SAEBench's published ce_loss_score) do. A transcoder reads the module's input and replaces
-its output.
+its output; a cross-layer transcoder replaces all its layers' MLP outputs in the same pass (each layer reading the
+input the replaced layers before it left), and its zero ablation zeroes all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from torch.nn import functional as F
 
 from sparse_coding.eval import metrics
 from sparse_coding.eval.synthetic import TruthMeter
-from sparse_coding.models.language_model import LanguageModel
+from sparse_coding.models.language_model import JOIN, LanguageModel
 from sparse_coding.saes import SAE
 
 MASK_FRACTION = 0.15  # BERT's share of masked tokens
@@ -124,8 +126,12 @@ def ce_and_kl(
             return torch.where(where[..., None].to(act.device), out, act)
 
         clean = lm.logits(inputs)
-        zeroed = lm.logits(inputs, hook, zero, source)
-        spliced = lm.logits(inputs.repeat(M, 1), hook, reconstruct, source).view(M, n, T, -1)
+        if JOIN in hook:  # a cross-layer transcoder: every layer's MLP output replaced in one pass
+            zeroed, spliced = _layered(lm, hook, source or hook, stack, inputs, splice_m)
+        else:
+            zeroed = lm.logits(inputs, hook, zero, source)
+            spliced = lm.logits(inputs.repeat(M, 1), hook, reconstruct, source)
+        spliced = spliced.view(M, n, T, -1)
         totals["ce_clean"] += _ce_sum(clean, targets, ce)
         totals["ce_zero"] += _ce_sum(zeroed, targets, ce)
         at = kl.to(clean.device)
@@ -147,6 +153,59 @@ def ce_and_kl(
         "kl_zero": torch.full((M,), totals["kl_zero"] / n_kl),
         "kl_score": metrics.kl_score(totals["kl_zero"] / n_kl, totals["kl"] / n_kl).float(),
     }
+
+
+def _layered(
+    lm: LanguageModel, hook: str, source: str, stack: SAE, inputs: Tensor, splice_m: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Logits of rows inputs [n, T] with every joined target hook zeroed, and of the M models' copies of the rows
+    with each layer's output replaced by the stack's, layer after layer from the inputs the replaced layers before
+    it left (the replacement model of a cross-layer transcoder)."""
+    targets, sources, M = hook.split(JOIN), source.split(JOIN), stack.n_models
+    zeroed = lm.logits_layered(inputs, targets, sources, lambda j, act, src: torch.zeros_like(act))
+    step = stack.replacement()  # type: ignore[operator]  (cross-layer stacks have one)
+
+    def replace(j: int, act: Tensor, src: Tensor) -> Tensor:
+        out = step(j, src.reshape(M, -1, src.shape[-1]).float()).to(act.dtype).reshape(act.shape)
+        return torch.where(splice_m[..., None].to(act.device), out, act)
+
+    return zeroed, lm.logits_layered(inputs.repeat(M, 1), targets, sources, replace)
+
+
+@torch.no_grad()
+def layer_stats(stack: SAE, x_eval: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """A cross-layer stack's reconstruction per layer on held-out rows [N, d_in + d_out]: `fvu_by_layer` [M, L] (each
+    target layer's squared error over its own variance) and `l0_by_layer` [M, L] (active latents per token of each
+    source layer)."""
+    M, L = stack.n_models, stack.n_layers
+    sq = torch.zeros(M, L, dtype=torch.float64)
+    active = torch.zeros(M, L, dtype=torch.float64)
+    t_sum = t_sq = None
+    for batch in x_eval.split(batch_size):
+        x, target = stack.split_batch(batch.float())
+        codes = stack.encode(x)
+        err = (stack.decode(codes, x) - target).double()
+        sq += err.pow(2).view(M, len(x), L, -1).sum(dim=(1, 3)).cpu()
+        active += (codes != 0).view(M, len(x), L, -1).sum(dim=(1, 3)).double().cpu()
+        t = target.double().view(len(x), L, -1)
+        t_sum = t.sum(0) if t_sum is None else t_sum + t.sum(0)
+        t_sq = t.pow(2).sum(0) if t_sq is None else t_sq + t.pow(2).sum(0)
+    n = x_eval.shape[0]
+    assert t_sum is not None and t_sq is not None
+    variance = (t_sq - t_sum.pow(2) / n).sum(-1).cpu()  # [L]: Σ over a layer's dimensions of n·var
+    return {"fvu_by_layer": (sq / variance).float(), "l0_by_layer": (active / n).float()}
+
+
+def layer_fields(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> Callable[[int, int], dict[str, Any]]:
+    """Gives, for results rows, the per-layer fields of SAE m of stack i: layer_stats' lists for cross-layer stacks,
+    nothing for the others."""
+    stats = [layer_stats(s, x_eval, batch_size) if s.cross_layer else None for s in stacks]
+
+    def fields(i: int, m: int) -> dict[str, Any]:
+        st = stats[i]
+        return {} if st is None else {k: [round(float(v), 6) for v in t[m]] for k, t in st.items()}
+
+    return fields
 
 
 def _ce_sum(logits: Tensor, targets: Tensor, where: Tensor) -> float:

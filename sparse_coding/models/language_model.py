@@ -25,11 +25,16 @@ from sparse_coding.models.layouts import INPUT, LAYOUTS, Layout, infer_layout
 from sparse_coding.models.tokenizer import Tokenizer
 
 LAYER_LOCS = ("mlp", "mlp_out", "residual", "attn")
+# Joins hooks whose values a cross-layer dictionary reads side by side: "a+b" is a's value then b's, along the last
+# dimension ([B, T, d_a + d_b]), from one forward pass.
+JOIN = "+"
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEADS = ("causal", "masked")  # what a trained LM head predicts: the next token, or masked tokens
 # (the hook's value, the source hook's value) → the value the model goes on with. The source is the hook's own
 # value unless `logits` is given another source hook (a transcoder reads a module's input, replaces its output).
 Replace = Callable[[Tensor, Tensor], Tensor]
+# (layer j, target j's value, source j's value) → the value the model goes on with (LanguageModel.logits_layered).
+LayerReplace = Callable[[int, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -184,9 +189,15 @@ class LanguageModel:
 
     @torch.no_grad()
     def activations(self, tokens: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
-        """tokens [B, T] → {hook: its value [B, T, d]} from one forward pass, which stops at the last of them."""
+        """tokens [B, T] → {hook: its value [B, T, d]} from one forward pass, which stops at the last of them. A
+        hook joined with '+' (JOIN) gives its parts' values side by side."""
         if isinstance(hooks, str):  # a str is a Sequence too: its characters would be taken as hook names
             raise TypeError(f"hooks is a list of hook names; pass [{hooks!r}]")
+        parts = {h: h.split(JOIN) for h in hooks}
+        values = self._capture(tokens, [p for ps in parts.values() for p in ps])
+        return {h: torch.cat([values[p] for p in ps], dim=-1) if len(ps) > 1 else values[h] for h, ps in parts.items()}
+
+    def _capture(self, tokens: Tensor, hooks: list[str]) -> dict[str, Tensor]:
         wanted = list(dict.fromkeys(hooks))
         captured: dict[str, Tensor] = {}
 
@@ -232,6 +243,41 @@ class LanguageModel:
             if source is not None and source != hook:
                 handles.append(self._attach(Hook.parse(source), remember, tokens.shape))
             handles.append(self._attach(Hook.parse(hook), swap, tokens.shape))
+        try:
+            out = self._forward(tokens.to(self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out.logits if hasattr(out, "logits") else out
+
+    @torch.no_grad()
+    def logits_layered(
+        self, tokens: Tensor, targets: Sequence[str], sources: Sequence[str], replace: LayerReplace
+    ) -> Tensor:
+        """tokens [B, T] → logits [B, T, vocab] with every target hook j's value swapped for replace(j, value,
+        source j's value in this pass): a cross-layer transcoder replacing all its MLP outputs at once, each layer
+        reading its input as the replaced layers before it left it. Source j must come before target j in the
+        forward pass, and the targets in order."""
+        seen: dict[int, Tensor] = {}
+        done: list[int] = []
+
+        def remember(j: int) -> Callable[[Tensor], None]:
+            def fn(value: Tensor) -> None:
+                seen[j] = value
+
+            return fn
+
+        def swap(j: int) -> Callable[[Tensor], Tensor]:
+            def fn(value: Tensor) -> Tensor:
+                if j not in seen or done != list(range(j)):
+                    raise ModelError(f"{sources[j]} and {targets[j]} are not reached in order in {self.name}'s pass")
+                done.append(j)
+                return replace(j, value, seen[j])
+
+            return fn
+
+        handles = [self._attach(Hook.parse(h), remember(j), tokens.shape) for j, h in enumerate(sources)]
+        handles += [self._attach(Hook.parse(h), swap(j), tokens.shape) for j, h in enumerate(targets)]
         try:
             out = self._forward(tokens.to(self.device))
         finally:

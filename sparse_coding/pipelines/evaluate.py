@@ -26,7 +26,7 @@ from sparse_coding.eval.plots import lines
 from sparse_coding.eval.reconstruction import ce_and_kl, evaluate, truth_meters
 from sparse_coding.eval.steering import MODES, next_token_table, parse_edits, steer
 from sparse_coding.files import read_json, write_json
-from sparse_coding.models.language_model import LanguageModel, load_language_model
+from sparse_coding.models.language_model import JOIN, LanguageModel, load_language_model
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import CFG_FILE, load_sae
 from sparse_coding.saes.sources import resolve_sae_source
@@ -89,6 +89,11 @@ class EvalData:
     kept: Tensor
     acts: Tensor
     source: dict[str, Any]
+    targets: Tensor | None = None  # a transcoder's: the module's output at the same positions [n_kept, d_out]
+
+    def rows(self) -> Tensor:
+        """The rows the SAEs are scored on, as they train on them: activations, with a transcoder's targets beside."""
+        return self.acts if self.targets is None else torch.cat([self.acts, self.targets], dim=-1)
 
     def rows_of(self, positions: Tensor) -> Tensor:
         """Gives the activation row of each kept flat position in [R·T] (positions must be kept)."""
@@ -131,7 +136,9 @@ def run_evaluate(cfg: EvaluateConfig, out_dir: Path, lm: LanguageModel | None = 
 
 def load_model_and_hook(
     cfg: EvaluateConfig, meta: dict[str, Any], device: torch.device, lm: LanguageModel | None
-) -> tuple[LanguageModel, str]:
+) -> tuple[LanguageModel, str, str | None]:
+    """Gives the model, the hook the SAEs read and the hook a transcoder replaces (None for SAEs), by canonical names
+    (hooks joined with '+' for a cross-layer transcoder)."""
     name, hook = cfg.model_name or meta.get("model_name"), cfg.hook_name or meta.get("hook_name")
     if lm is None:
         if not name:
@@ -139,40 +146,54 @@ def load_model_and_hook(
         lm = load_language_model(name, device)
     if not hook:
         raise ConfigError("the SAE's cfg.json names no hook; pass --hook_name")
-    return lm, lm.resolve_hook(hook)
+    out = None if cfg.hook_name else meta.get("hook_name_out")
+    canonical = lm.resolve_hook
+
+    def resolve(h: str) -> str:
+        return JOIN.join(canonical(part) for part in h.split(JOIN))
+
+    return lm, resolve(hook), resolve(out) if out else None
 
 
-def eval_data(cfg: EvaluateConfig, meta: dict[str, Any], lm: LanguageModel, hook: str) -> EvalData:
-    """The held-out tokens and activations: a stored set's last chunks, or text run through the model."""
+def eval_data(
+    cfg: EvaluateConfig, meta: dict[str, Any], lm: LanguageModel, hook: str, target_hook: str | None = None
+) -> EvalData:
+    """The held-out tokens and activations (and a transcoder's targets): a stored set's last chunks, or text run
+    through the model."""
     store = cfg.activations_dir or ("" if cfg.dataset_name else meta.get("activations_dir", ""))
     if store and (Path(store) / "manifest.json").is_file():
         data = ActivationDataset.open(store)
-        if data.manifest.get("hook_name") != hook:
-            raise StoreError(f"{store} holds activations of {data.manifest.get('hook_name')!r}, not {hook!r}")
+        for key, want in (("hook_name", hook), ("target_hook", target_hook)):
+            if data.manifest.get(key) != want:
+                raise StoreError(f"{store} holds activations of {data.manifest.get(key)!r}, not {want!r} ({key})")
         first = max(0, data.n_chunks - cfg.n_eval_chunks)
         parts = [data.load_chunk(i) for i in range(first, data.n_chunks)]
         if any(c.tokens is None or c.kept is None or c.tokens.dim() != 2 for c in parts):
             raise StoreError(f"{store} holds no token rows (your own files): pass --dataset_name to score on text")
         tokens, kept = torch.cat([c.tokens for c in parts]).long(), torch.cat([c.kept for c in parts])  # type: ignore[misc]
         acts = torch.cat([c.activations for c in parts]).float()
+        targets = torch.cat([c.targets for c in parts]).float() if target_hook else None  # type: ignore[misc]
         source = {"kind": "activations", "path": str(store), "chunks": [first, data.n_chunks]}
-        return EvalData(tokens, kept, acts, source)
+        return EvalData(tokens, kept, acts, source, targets)
     dataset = cfg.dataset_name or meta.get("dataset_path")
     if not dataset:
         raise ConfigError("nothing to score on: pass --dataset_name (held-out text) or --activations_dir")
     T = cfg.context_size or int(meta.get("context_size") or 128)
     docs = iter_documents(dataset, cfg.text_field, cfg.dataset_split)
     stream = TokenStream(docs, lm.tokenizer.encode_batch, lm.tokenizer.separator()[1], T, name=dataset)
+    hooks = [hook] + ([target_hook] if target_hook else [])
     batches, acts, wanted = [], [], -(-cfg.eval_tokens // T)
     while wanted > 0 and (rows := stream.take(min(cfg.model_batch_size, wanted))) is not None:
         batches.append(rows)
-        acts.append(lm.activations(rows, [hook])[hook].float().cpu().flatten(0, 1))
+        values = lm.activations(rows, hooks)
+        acts.append([values[h].float().cpu().flatten(0, 1) for h in hooks])
         wanted -= len(rows)
     if not batches:
         raise ConfigError(f"{dataset} holds fewer than {T} tokens: nothing to score")
     tokens = torch.cat(batches)
     source = {"kind": "text", "path": dataset, "rows": len(tokens)}
-    return EvalData(tokens, torch.ones_like(tokens, dtype=torch.bool), torch.cat(acts), source)
+    inputs, *outputs = (torch.cat(parts) for parts in zip(*acts, strict=True))
+    return EvalData(tokens, torch.ones_like(tokens, dtype=torch.bool), inputs, source, outputs[0] if outputs else None)
 
 
 def evaluate_lm_groups(
@@ -198,11 +219,11 @@ def evaluate_lm(
     cfg: EvaluateConfig, folders: list[Path], meta: dict[str, Any], device: torch.device, lm: LanguageModel | None
 ) -> dict[str, Any]:
     """Core metrics (and probing) of every SAE on one model's activations at one hook."""
-    lm, hook = load_model_and_hook(cfg, meta, device, lm)
-    data = eval_data(cfg, meta, lm, hook)
+    lm, hook, target_hook = load_model_and_hook(cfg, meta, device, lm)
+    data = eval_data(cfg, meta, lm, hook, target_hook)
     special = lm.tokenizer.special_ids if cfg.exclude_special_tokens else ()
     keep = data.kept & ~torch.isin(data.tokens, torch.tensor(special, dtype=torch.long))  # [R, T]
-    x_eval = data.acts[keep[data.kept]].to(device)
+    x_eval = data.rows()[keep[data.kept]].to(device)
     excluded = sorted(set(special) | set(data.tokens[~data.kept].tolist()))  # also what the store left out
     ce_rows = data.tokens[: cfg.ce_eval_rows]
     probe = ProbeSet.build(cfg, lm, data, keep) if cfg.probe else None
@@ -213,7 +234,7 @@ def evaluate_lm(
             raise UserError(f"{folder} expects d_in={sae.d_in}; the activations at {hook} have {data.acts.shape[-1]}")
         stats = evaluate([sae], x_eval, cfg.batch_size)[0]
         scored = lm.head is not None and len(ce_rows) > 0
-        through = ce_and_kl(lm, hook, sae, ce_rows, excluded) if scored else None
+        through = ce_and_kl(lm, target_hook or hook, sae, ce_rows, excluded, target_hook and hook) if scored else None
         saes[folder.name] = {
             **sae_summary(folder, sae, sae_cfg),
             "hook_name": hook,
@@ -306,7 +327,9 @@ def run_steering(
     """Prints and writes --prompt's next-token distribution before and after the edit."""
     if len(folders) != 1:
         raise ConfigError("--steer needs one SAE folder, not a run folder")
-    lm, hook = load_model_and_hook(cfg, meta, device, lm)
+    lm, hook, target_hook = load_model_and_hook(cfg, meta, device, lm)
+    if target_hook:
+        raise ConfigError("--steer edits the codes of an SAE at its own hook; transcoders are not steered yet")
     sae, _ = load_sae(folders[0], device)
     edits = parse_edits(cfg.steer, sae.d_sae)
     tokens = torch.tensor([lm.tokenizer.encode_batch([cfg.prompt])[0]], dtype=torch.long)

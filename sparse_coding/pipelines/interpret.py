@@ -32,13 +32,14 @@ from sparse_coding.data.text import TokenStream, iter_documents
 from sparse_coding.errors import UserError
 from sparse_coding.files import read_json, write_json
 from sparse_coding.locks import run_folder_lock
-from sparse_coding.models.language_model import LanguageModel, load_language_model
+from sparse_coding.models.language_model import JOIN, LanguageModel, load_language_model
 from sparse_coding.models.unembed import logit_effects, why_no_logits
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
 from sparse_coding.saes.sources import resolve_sae_source
 from utils import check_claimable, claim_folder
 
+Effects = Callable[[torch.Tensor], torch.Tensor]  # directions [n, d] → their direct logit effects [n, vocab]
 
 @dataclass
 class InterpretRunConfig(Config):
@@ -112,7 +113,8 @@ def text_rows(lm: LanguageModel, meta: dict[str, Any], max_rows: int) -> tuple[t
     """Gives (tokens [N, T], activations [N, T, d]) of the first max_rows context rows of the text an SAE was
     trained on (metadata dataset_path, context_size, hook_name), the model run over them as a streamed run.py run
     did; the positions of the tokenizer's special tokens have zero activations, as a store leaves them out."""
-    hook, T = lm.resolve_hook(meta["hook_name"]), int(meta["context_size"])
+    hook = JOIN.join(lm.resolve_hook(h) for h in meta["hook_name"].split(JOIN))  # a CLT's: its layers' inputs
+    T = int(meta["context_size"])
     docs = iter_documents(meta["dataset_path"])
     stream = TokenStream(docs, lm.tokenizer.encode_batch, lm.tokenizer.separator()[1], T, name=meta["dataset_path"])
     rows = [r for r in iter(lambda: stream.take(32), None)][: -(-max_rows // 32)]
@@ -161,7 +163,7 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
         prepare_out(cfg, sae_dir, out)
         sets = feature_sets(cfg, sae, dense)
         write_json(out / "sae.json", sae_overview(sae_dir, sets["sae"].acts, dense))
-        explain_all(cfg, sets, tokens, lm, meta.get("hook_name", ""), sae.d_in, out)
+        explain_all(cfg, sets, tokens, lm, direct_logits(lm, sae, meta), out)
         extra = {
             "sae_dir": str(sae_dir),
             "model_name": meta.get("model_name"),
@@ -174,21 +176,40 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     return {"out": out, "summary": summary}
 
 
+def direct_logits(lm: LanguageModel, sae: SAE, meta: dict[str, Any]) -> tuple[Effects | None, str | None]:
+    """The logit lens of the SAE's decoder directions (models/unembed.py), and why there is none where there is
+    none. A cross-layer transcoder's feature writes the sum of its decoders into the residual stream (every MLP
+    output joins it): that sum is what reaches the logits directly."""
+    if sae.cross_layer:
+        hook, width = (meta.get("hook_name_out") or "").split(JOIN)[0], sae.d_out // sae.n_layers
+    else:
+        hook, width = meta.get("hook_name") or "", sae.d_in
+    if not hook:
+        return None, "the SAE's cfg.json names no hook"
+    effects, note = logit_effects(lm, hook, width), why_no_logits(lm, hook, width)
+    if effects is None or not sae.cross_layer:
+        return effects, note
+    per_layer = effects
+
+    def summed(directions: torch.Tensor) -> torch.Tensor:
+        return per_layer(directions.reshape(directions.shape[0], sae.n_layers, width).sum(1))
+
+    return summed, note
+
+
 def explain_all(
     cfg: InterpretRunConfig,
     sets: dict[str, FeatureSet],
     tokens: torch.Tensor,
     lm: LanguageModel,
-    hook: str,
-    d_in: int,
+    logits: tuple[Effects | None, str | None],
     out: Path,
 ) -> None:
-    """Builds every method's feature records (with their dashboard data), then explains, simulates and scores them
-    into out/features/."""
+    """Builds every method's feature records (with their dashboard data: logits from the SAE's `direct_logits`),
+    then explains, simulates and scores them into out/features/."""
     ids = tokens.unique().tolist()
     id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
-    effects = logit_effects(lm, hook, d_in) if hook else None
-    logits_note = (why_no_logits(lm, hook, d_in) if hook else "the SAE's cfg.json names no hook") or None
+    effects, logits_note = logits
     rec_cfg = RecordConfig(window=min(cfg.window, tokens.shape[1]), seed=cfg.seed)
     for name, fs in sets.items():
         print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")

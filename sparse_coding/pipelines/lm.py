@@ -87,6 +87,8 @@ class RunConfig(SweepConfig, CacheConfig):
     def check(self) -> None:
         super().check()
         self.sae_cls  # noqa: B018  (one architecture per run: raises otherwise)
+        if self.cross_layer():
+            self.check_cross_layer()
         if self.activations == "stream":
             self.check_stream()
         else:
@@ -96,10 +98,30 @@ class RunConfig(SweepConfig, CacheConfig):
         if self.resample_every and self.transcode:
             raise ConfigError("--resample_every does not apply to transcoders yet (it resamples towards inputs)")
 
+    def cross_layer(self) -> bool:
+        return self.sae_cls.cross_layer
+
+    @property
+    def n_layers(self) -> int:
+        """The layers a cross-layer dictionary spans (0 before the model has said how many, without --layers)."""
+        return len(self.layers) if self.layers else 0
+
+    def check_cross_layer(self) -> None:
+        """Raises ConfigError for what a cross-layer dictionary cannot read."""
+        if self.hook_name or self.hook_names:
+            raise ConfigError(
+                f"--arch {self.arch} reads each layer's MLP input and writes its output: choose the layers with "
+                "--layers (default: all), not --hook_name(s)"
+            )
+        if self.layers and sorted(set(self.layers)) != self.layers:
+            raise ConfigError(f"--arch {self.arch}: give --layers in increasing order, each once (got {self.layers})")
+        if self.skip_connection:
+            raise ConfigError(f"--arch {self.arch} has no skip connection yet; drop --skip_connection")
+
     def resample_steps(self) -> int:
         """As a sweep's, but the architecture's default applies only where resampling can: not for transcoders
         (it resamples towards inputs) nor under --parallel data (each process sees its own inputs)."""
-        if self.resample_every is None and (self.transcode or self.parallel == "data"):
+        if self.resample_every is None and (self.transcode or self.cross_layer() or self.parallel == "data"):
             return 0
         return super().resample_steps()
 
@@ -194,9 +216,10 @@ def own_files_folder(cfg: RunConfig) -> Path | None:
     folder = Path(cfg.activations_dir) if cfg.activations_dir else None
     if folder is None or not is_own_folder(folder):
         return None
-    if cfg.transcode or cfg.hook_names or cfg.layers:
+    if cfg.transcode or cfg.hook_names or cfg.layers or cfg.cross_layer():
         raise ConfigError(
-            f"{folder} holds your own activation files: --transcode, --hook_names and --layers need a model"
+            f"{folder} holds your own activation files: --transcode, --hook_names, --layers and cross-layer "
+            "dictionaries need a model"
         )
     return folder
 
@@ -218,7 +241,7 @@ def load_and_cache(run: Run) -> list[Sweep]:
     targets = resolve_targets(cfg, lm)
     specs = store_specs(cfg, lm, targets)
     for target, spec in zip(targets, specs, strict=True):
-        check_sweep(run, target.name, spec.fields["d"])
+        check_sweep(run, target.name, spec.fields["d"], spec.fields["d_out"])
     share_errors(run, lambda: prepare_activations(cfg, lm, specs, run.progress))
     stores = [StoredActivations(ActivationDataset.open(s.folder), cfg.n_chunks, cfg.n_eval_chunks) for s in specs]
     return [Sweep(lm, t, data) for t, data in zip(targets, stores, strict=True)]
@@ -232,7 +255,7 @@ def load_and_stream(run: Run) -> list[Sweep]:
     sweeps = []
     for target in resolve_targets(cfg, lm):
         data = StreamedActivations(lm, target.hook, target.target_hook, cfg, run.info)
-        check_sweep(run, target.name, data.d)
+        check_sweep(run, target.name, data.d, data.d_out)
         if run.info.is_main:
             print(f"streaming: {stream_memory(cfg, lm, data.d + (data.d_out or 0))}")
         sweeps.append(Sweep(lm, target, data))
@@ -249,12 +272,12 @@ def stream_memory(cfg: RunConfig, lm: LanguageModel, width: int) -> str:
     )
 
 
-def check_sweep(run: Run, name: str, d: int) -> None:
+def check_sweep(run: Run, name: str, d: int, d_out: int | None = None) -> None:
     """Refuses dictionary sizes that cannot be trained, or a sweep too big for the device, before any work."""
     run.cfg.check_sizes(d)
     if run.info.is_main:
         shards = run.info.world if run.cfg.parallel == "latents" else 1
-        print(f"sweep on {name}: {check_sweep_fits(run.cfg, d, run.device, shards)}")
+        print(f"sweep on {name}: {check_sweep_fits(run.cfg, d, run.device, shards, d_out)}")
         print(Precision(run.cfg.train_dtype).describe(run.device))
 
 

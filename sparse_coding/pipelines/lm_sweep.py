@@ -22,7 +22,7 @@ from sparse_coding.activations.streaming import StreamedActivations
 from sparse_coding.errors import ConfigError
 from sparse_coding.eval.core import core_metrics, weight_metrics
 from sparse_coding.eval.plots import density_histograms
-from sparse_coding.eval.reconstruction import ce_and_kl, evaluate
+from sparse_coding.eval.reconstruction import ce_and_kl, evaluate, layer_fields
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import load_tensors, read_json, write_json
 from sparse_coding.models.language_model import LanguageModel
@@ -250,17 +250,20 @@ def evaluate_and_save(
         ]
 
     ce_tokens = eval_tokens.numel() if eval_tokens is not None else 0
+    by_layer = layer_fields(stacks, x_eval, cfg.batch_size)
 
     def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
         core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, (ce_tokens, positions))
-        return {**{key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}, "core": core}
+        ce = {key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}
+        return {**ce, **by_layer(i, m), "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)
     meta = {
         "model_name": lm.name if lm is not None else data.manifest.get("model"),
         "hook_name": target.hook or None,
         **({"hook_name_out": target.target_hook} if target.target_hook else {}),
+        **({"layers": list(target.layers)} if target.layers else {}),
         "context_size": data.manifest.get("context_length"),
         "dataset_path": data.manifest.get("dataset"),
         "activations_dir": str(data.folder) if data.folder is not None else None,  # None: streamed, nothing stored
@@ -286,6 +289,7 @@ def write_report(run: Run, sweep: Sweep, rows: list[dict[str, Any]], steps: int)
         "steps_trained": steps,
         "hook_name": sweep.target.hook or None,
         "target_hook": sweep.target.target_hook,
+        **({"layers": list(sweep.target.layers)} if sweep.target.layers else {}),
         "d_in": sweep.data.d,
         "d_out": sweep.data.d_out,
         "activations_dir": str(sweep.data.folder) if sweep.data.folder is not None else None,

@@ -20,7 +20,7 @@ from sparse_coding.data.toy import ToyDataConfig, ToyGenerator
 from sparse_coding.errors import CheckpointError, ConfigError
 from sparse_coding.eval.comparison import write_comparison
 from sparse_coding.eval.plots import metrics_against_l0
-from sparse_coding.eval.reconstruction import evaluate, truth_meters
+from sparse_coding.eval.reconstruction import evaluate, layer_fields, truth_meters
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import save_tensors, write_json
 from sparse_coding.saes import SAE
@@ -282,8 +282,10 @@ def score_against_truth(
     stats = evaluate(stacks, x_eval, cfg.batch_size)
     meters = truth_meters(stacks, gen.features, gen.parent, x_eval, true_eval, cfg.batch_size)
 
+    by_layer = layer_fields(stacks, x_eval, cfg.batch_size)
+
     def truth_metrics(i: int, m: int) -> dict[str, Any]:
-        return meters[i].result(m, gen.depth, cfg.mmcs_threshold)
+        return {**meters[i].result(m, gen.depth, cfg.mmcs_threshold), **by_layer(i, m)}
 
     runs = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, truth_metrics, progress)
     if cfg.save_saes:

@@ -89,6 +89,7 @@ class SAE(nn.Module, ABC):
     roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
     # Trained on several layers at once (CLTs): batches hold every layer's input and output; not in --arch all.
     cross_layer: ClassVar[bool] = False
+    n_layers: int = 1  # the layers a cross-layer stack spans; its outputs (and codes) are that many blocks
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
     default_resample_every: ClassVar[int] = 0  # steps between resamplings where the config leaves it (0: never)
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK

@@ -38,6 +38,7 @@ that format). circuit-tracer counts the layers from the files, so it expects a C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -180,9 +181,34 @@ class CrossLayerTranscoder(SAE):
         return self.precision.baddbmm(self.b_enc.reshape(-1, self.F_local)[:, None, :], self.layer_inputs(x), W.mT)
 
     def to_codes(self, per_layer: Tensor) -> Tensor:
-        """[M·L, B, F_local] → the stack's codes [M, B, L·F_local], layer-major."""
-        M, L = self.n_models, self.n_layers
-        return per_layer.view(M, L, *per_layer.shape[1:]).movedim(1, 2).flatten(2)
+        """[M, L, B, F_local] → the stack's codes [M, B, L·F_local], layer-major."""
+        return per_layer.movedim(1, 2).flatten(2)
+
+    def activate(self, pre: Tensor, layers: range) -> Tensor:
+        """Pre-activations [M, n, B, F_local] of the layers `layers` → their codes (inference: here each layer's
+        per-token top k)."""
+        M, n, B, F_ = pre.shape
+        vals, idx = self.select(pre.reshape(M * n, B, F_))
+        return torch.zeros(M * n, B, F_, device=pre.device, dtype=vals.dtype).scatter_add_(-1, idx, vals).view_as(pre)
+
+    def replacement(self) -> Callable[[int, Tensor], Tensor]:
+        """A fresh replacement of the MLPs for one forward pass: called for layers 0, 1, ... in order with each
+        layer's MLP input [M, N, d_in], it gives that layer's output [M, N, d_out] from the codes of this layer and
+        every earlier one (CE loss recovered with all the CLT's layers spliced in at once)."""
+        codes: list[Tensor] = []
+        b_dec = self.b_dec.view(self.n_models, self.n_layers, self.e)
+
+        def layer(j: int, x: Tensor) -> Tensor:
+            if j != len(codes):
+                raise ValueError(f"the replacement's layers come in order; got layer {j} after {len(codes)} layers")
+            pre = self.precision.baddbmm(self.b_enc[:, j, None, :], x, self.W_enc[:, j].mT)
+            codes.append(self.activate(pre[:, None], range(j, j + 1))[:, 0])
+            out = b_dec[:, j, None, :]
+            for i, W in enumerate(self.decoders()[: j + 1]):
+                out = out + self.precision.bmm(codes[i], W[:, :, j - i])
+            return out
+
+        return layer
 
     def encoder(self) -> Tensor:
         return self.W_enc.flatten(1, 2)  # [M, L·F, d_in]: each latent's encoder, in its own layer's input space
@@ -200,18 +226,19 @@ class CrossLayerTranscoder(SAE):
         return out.view(M, L * F_, L * e)
 
     def encode(self, x: Tensor) -> Tensor:
-        vals, idx = self.select(self.layer_pre_acts(x))
-        zeros = torch.zeros(*vals.shape[:2], self.F_local, device=x.device, dtype=vals.dtype)
-        return self.to_codes(zeros.scatter_add_(-1, idx, vals))
+        pre = self.layer_pre_acts(x)
+        per_layer = pre.view(self.n_models, self.n_layers, *pre.shape[1:])
+        return self.to_codes(self.activate(per_layer, range(self.n_layers)))
 
     def select(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Each layer's per-token top k, as TopKSAE.select with the layers as more rows of the model axis."""
+        """Each layer's per-token top k, as TopKSAE.select with the layers as more rows of the model axis
+        (pre: [M·n, B, F_local], model-major)."""
         vals, idx = topk_last_dim(pre, min(self.k_max, self.F_local), bias)
         if self.shard is not None:
             vals, idx = self.shard.topk_rows(vals, idx, self.k_max)
         vals = vals.relu()
         if any(k != self.k_max for k in self.ks):
-            k_rows = self.k.repeat_interleave(self.n_layers)  # [M·L]
+            k_rows = self.k.repeat_interleave(pre.shape[0] // self.n_models)  # [M·n]
             vals = vals * (torch.arange(self.k_max, device=pre.device) < k_rows[:, None, None])
         return vals, idx
 
@@ -424,10 +451,9 @@ class BatchTopKCLT(CrossLayerTranscoder):
             vals, idx = self.shard.batch_topk(vals, idx, counts, B)
         return vals.relu(), idx
 
-    def encode(self, x: Tensor) -> Tensor:
-        pre = self.layer_pre_acts(x)
-        theta = self.threshold.reshape(-1).to(pre.dtype)[:, None, None]
-        return self.to_codes(pre.relu() * (pre > theta))
+    def activate(self, pre: Tensor, layers: range) -> Tensor:
+        theta = self.threshold[:, layers.start : layers.stop].to(pre.dtype)[:, :, None, None]
+        return pre.relu() * (pre > theta)
 
     @torch.no_grad()
     def record_firing(self, vals: Tensor, idx: Tensor, n_tokens: int) -> None:
@@ -508,9 +534,8 @@ class JumpReLUCLT(CrossLayerTranscoder):
     def tag(self, m: int) -> str:
         return f"l0_{self._hparams[m]['l0_coef']:.4g}"
 
-    def encode(self, x: Tensor) -> Tensor:
-        pre = self.layer_pre_acts(x)
-        return self.to_codes(pre.relu() * (pre > self.threshold.view(-1, 1, self.F_local)))
+    def activate(self, pre: Tensor, layers: range) -> Tensor:
+        return pre.relu() * (pre > self.threshold[:, layers.start : layers.stop, None, :])
 
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
         assert target is not None, "a CLT trains on MLP outputs (its batches' second half)"
