@@ -158,6 +158,9 @@ CASES = [
     ),
     ("run", ["{args}", "--layer", "7", "--out", "{root}/o7"], "layer 7 is out of range"),
     ("run", ["{args}", "--layer_loc", "bogus"], "layer_loc must be one of"),
+    ("run", ["{args}", "--arch", "clt", "--transcode"], "always transcodes each layer's MLP"),
+    ("run", ["{args}", "--arch", "clt_jumprelu", "--layers", "1", "0"], "give --layers in increasing order"),
+    ("run", ["{args}", "--arch", "clt", "--hook_name", "h.0.mlp"], "choose the layers with --layers"),
     ("run", ["{args}", "--chunk_size_tokens", "100"], "must be a multiple of max_length"),
     ("run", ["{args}", "--n_eval_chunks", "3"], "must leave at least one chunk for training"),
     (

@@ -41,6 +41,7 @@ from utils import check_claimable, claim_folder
 
 Effects = Callable[[torch.Tensor], torch.Tensor]  # directions [n, d] → their direct logit effects [n, vocab]
 
+
 @dataclass
 class InterpretRunConfig(Config):
     sae_dir: str = option(

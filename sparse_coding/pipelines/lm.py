@@ -113,6 +113,11 @@ class RunConfig(SweepConfig, CacheConfig):
                 f"--arch {self.arch} reads each layer's MLP input and writes its output: choose the layers with "
                 "--layers (default: all), not --hook_name(s)"
             )
+        if self.transcode or self.layer_loc not in ("mlp", "mlp_out"):
+            raise ConfigError(
+                f"--arch {self.arch} always transcodes each layer's MLP (its input to its output): drop --transcode "
+                "and --layer_loc"
+            )
         if self.layers and sorted(set(self.layers)) != self.layers:
             raise ConfigError(f"--arch {self.arch}: give --layers in increasing order, each once (got {self.layers})")
         if self.skip_connection:

@@ -1,0 +1,148 @@
+"""Cross-layer transcoders on a language model (run.py --arch clt*): per-layer metrics, CE recovered with every MLP
+replaced at once (checked against a replacement spliced by hand into the HF model from the saved circuit-tracer
+files), evaluate.py agreeing with run.py, interpret.py's logit effects, streaming, and latent sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_fixtures import smoke_run_args
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel
+
+import evaluate
+import interpret
+import run
+from sparse_coding.eval.reconstruction import ce_and_kl
+from sparse_coding.models.language_model import load_language_model
+from sparse_coding.saes.saelens import load_sae
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def clt_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clt")
+    args = smoke_run_args(root)
+    run.main([*args, "--out", str(root / "run"), "--arch", "clt_jumprelu", "--n_steps", "30",
+              "--l1_exp_low", "-3", "--l1_exp_high", "-2"])  # fmt: skip
+    return root, args
+
+
+def _runs(folder: Path) -> list[dict]:
+    return json.loads((folder / "results.json").read_text())["runs"]
+
+
+def test_one_sweep_over_every_layer_with_metrics_per_layer(clt_run):
+    root, _ = clt_run
+    results = json.loads((root / "run" / "results.json").read_text())
+    assert results["layers"] == [0, 1] and "by_hook" not in results  # one dictionary over both layers
+    assert results["hook_name"] == "h.0.mlp:input+h.1.mlp:input" and results["target_hook"] == "h.0.mlp+h.1.mlp"
+    for row in results["runs"]:
+        assert len(row["fvu_by_layer"]) == 2 and all(v > 0 for v in row["fvu_by_layer"])
+        assert sum(row["l0_by_layer"]) == pytest.approx(row["l0"], rel=1e-4)  # each layer's latents, all of them
+        assert row["ce_loss_spliced"] is not None and row["kl"] >= 0
+        names = {p.name for p in (root / "run" / "saes" / row["name"]).iterdir()}
+        assert {"W_enc_0.safetensors", "W_enc_1.safetensors", "W_dec_0.safetensors", "W_dec_1.safetensors"} <= names
+
+
+def _hand_spliced_ce(model: GPT2LMHeadModel, sae_dir: Path, tokens: torch.Tensor) -> float:
+    """Mean next-token CE of the HF model with each block's MLP output swapped for the CLT's, computed from the
+    saved circuit-tracer files alone: a_i = JumpReLU(W_enc_i x_i + b_enc_i), y_j = Σ_{i≤j} a_i W_dec_i[:, j−i]
+    + b_dec_j, where x_i is block i's MLP input in this very pass (earlier blocks already replaced)."""
+    n_layers = len(model.transformer.h)
+    enc = [load_file(sae_dir / f"W_enc_{i}.safetensors") for i in range(n_layers)]
+    dec = [load_file(sae_dir / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(n_layers)]
+    codes: list[torch.Tensor] = []
+    handles = []
+    for j, block in enumerate(model.transformer.h):
+
+        def read(_mod, args, j=j):
+            e = enc[j]
+            pre = args[0] @ e[f"W_enc_{j}"].T + e[f"b_enc_{j}"]
+            codes.append(pre * (pre > e[f"threshold_{j}"]))
+
+        def write(_mod, _args, _out, j=j):
+            return sum(codes[i] @ dec[i][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
+
+        handles += [block.mlp.register_forward_pre_hook(read), block.mlp.register_forward_hook(write)]
+    try:
+        logits = model(tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+
+
+@torch.no_grad()
+def test_ce_recovered_replaces_every_layer_as_a_hand_spliced_model_does(clt_run):
+    root, _ = clt_run
+    sae_dir = root / "run" / "saes" / _runs(root / "run")[0]["name"]
+    sae, cfg = load_sae(sae_dir)
+    meta = cfg["metadata"]
+    tokens = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    lm = load_language_model(str(root / "gpt2"), torch.device("cpu"))
+    ours = ce_and_kl(lm, meta["hook_name_out"], sae, tokens, source=meta["hook_name"])
+    model = GPT2LMHeadModel.from_pretrained(root / "gpt2").eval()
+    assert float(ours["ce_sae"][0]) == pytest.approx(_hand_spliced_ce(model, sae_dir, tokens), rel=1e-5)
+    clean = float(F.cross_entropy(model(tokens).logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+    assert float(ours["ce_clean"][0]) == pytest.approx(clean, rel=1e-5)
+
+
+def test_evaluate_py_scores_a_clt_as_run_py_did(clt_run, tmp_path):
+    root, _ = clt_run
+    row = _runs(root / "run")[0]
+    ce_rows = json.loads((root / "run" / "config.json").read_text())["ce_eval_rows"]
+    evaluate.main(["--sae_dir", str(root / "run" / "saes" / row["name"]), "--out", str(tmp_path / "e"),
+                   "--ce_eval_rows", str(ce_rows)])  # fmt: skip
+    ours = json.loads((tmp_path / "e" / "eval.json").read_text())["saes"][row["name"]]["metrics"]
+    for cat, values in row["core"].items():
+        for key, v in values.items():
+            assert ours[cat][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (cat, key)
+
+
+def test_interpret_gives_a_clt_latent_the_logits_of_its_summed_decoders(clt_run, tmp_path):
+    root, _ = clt_run
+    interpret.main(["--run_dir", str(root / "run"), "--n_features", "2", "--max_rows", "32", "--baselines", "random",
+                    "--out", str(tmp_path / "i")])  # fmt: skip
+    feature = json.loads(next((tmp_path / "i" / "features").glob("sae_*.json")).read_text())
+    assert len(feature["top_logits"]) == 10 and feature["logits_note"] is None
+
+
+def test_a_streamed_batchtopk_clt(clt_run, tmp_path):
+    _, args = clt_run
+    i = args.index("--activations_dir")
+    run.main([*args[:i], *args[i + 2 :], "--out", str(tmp_path / "s"), "--activations", "stream", "--buffer_tokens",
+              "4096", "--arch", "clt_batchtopk", "--n_steps", "20"])  # fmt: skip
+    for row in _runs(tmp_path / "s"):
+        assert row["fvu"] is not None and row["ce_loss_recovered"] is not None and len(row["l0_by_layer"]) == 2
+        assert 0 < row["l0"] < 4 * row["k"]  # held out, through the learned thresholds (k per layer on average)
+
+
+def test_a_clt_trains_on_two_latent_shards_as_in_one_process(clt_run, tmp_path):
+    """Every layer's latents split over 2 gloo processes: the same loss curve and weights as one process."""
+    _, args = clt_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--arch", "clt", "--n_steps", "15", "--dict_ratio_exp_high", "0", "--log_every", "5"]
+    one = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "--out", str(tmp_path / "one"), *extra],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run([*launcher, str(ROOT / "run.py"), *args, "--out", str(tmp_path / "two"), *extra, "--parallel",
+                          "latents"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "latents split over 2 processes" in two.stdout
+    for ra, rb in zip(_runs(tmp_path / "one"), _runs(tmp_path / "two"), strict=True):
+        assert ra["fvu_by_layer"] == pytest.approx(rb["fvu_by_layer"], rel=1e-4)
+        a, b = (tmp_path / d / "saes" / ra["name"] for d in ("one", "two"))
+        for f in sorted(p.name for p in a.glob("W_*.safetensors")):
+            wa, wb = load_file(a / f), load_file(b / f)
+            for k in wa:
+                assert torch.allclose(wa[k], wb[k], atol=1e-5), (f, k)
