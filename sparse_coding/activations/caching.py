@@ -94,7 +94,12 @@ class CacheConfig(Config):
         return self.chunk_size_tokens // self.max_length
 
     def cross_layer(self) -> bool:
-        """Whether one dictionary reads several layers at once (a CLT: run.py's config says, from --arch)."""
+        """Whether one dictionary reads several layers at once (a CLT or crosscoder: run.py's config says, from
+        --arch)."""
+        return False
+
+    def layer_transcoder(self) -> bool:
+        """Whether that dictionary reads each layer's MLP input and writes MLP outputs (a CLT)."""
         return False
 
 
@@ -115,10 +120,14 @@ class Target:
 
 def resolve_targets(cfg: CacheConfig, lm: LanguageModel) -> list[Target]:
     """Gives the sweeps' targets from --hook_name(s) or --layer(s) and --layer_loc, by their canonical names."""
-    if cfg.cross_layer():  # one sweep over every layer's MLP input and output, joined in layer order
+    if cfg.cross_layer():  # one sweep over every layer's hooks, joined in layer order
         if not cfg.layers:
             cfg.layers = list(range(lm.n_layers()))  # all of them (what circuit-tracer expects); config.json says so
-        pairs = [lm.mlp_transcode_hooks(layer) for layer in cfg.layers]
+        if not cfg.layer_transcoder():  # a crosscoder: the hooks at --layer_loc
+            return [
+                Target(JOIN.join(lm.hook_for(layer, cfg.layer_loc) for layer in cfg.layers), layers=tuple(cfg.layers))
+            ]
+        pairs = [lm.mlp_transcode_hooks(layer) for layer in cfg.layers]  # a CLT: each MLP's input and output
         return [Target(JOIN.join(i for i, _ in pairs), JOIN.join(o for _, o in pairs), layers=tuple(cfg.layers))]
     hooks = cfg.hook_names or ([cfg.hook_name] if cfg.hook_name else None)
     if hooks is not None:

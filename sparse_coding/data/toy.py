@@ -66,6 +66,11 @@ class ToyDataConfig(Config):
     write_prob: float = option(
         0.5, "cross-layer toy: a feature writes into each later layer with this probability", ge=0, le=1
     )
+    layer_inputs: bool = option(
+        True,
+        "cross-layer toy: examples hold every layer's input, then its output (a CLT's pairs); false: the outputs "
+        "alone (a crosscoder's data; --arch crosscoder sets it)",
+    )
 
     def check(self) -> None:
         super().check()
@@ -180,10 +185,11 @@ class ToyGenerator:
         if self.cfg.hierarchy_roots:
             active = self._descend(active)
         codes = active * self._magnitudes(batch)
-        x = codes @ (self.features if self.readers is None else self.readers)
+        pairs = self.readers is not None and self.cfg.layer_inputs  # the layers' inputs, then their outputs
+        x = codes @ (self.readers if pairs else self.features)
         if self.cfg.noise_std > 0:
             x = x + self.cfg.noise_std * torch.randn(*x.shape, generator=g, device=self.device)
-        if self.readers is not None:  # the cross-layer toy: the layers' inputs, then their outputs
+        if pairs:
             x = torch.cat([x, codes @ self.features], dim=1)
         return x, codes
 

@@ -126,8 +126,10 @@ def ce_and_kl(
             return torch.where(where[..., None].to(act.device), out, act)
 
         clean = lm.logits(inputs)
-        if JOIN in hook:  # a cross-layer transcoder: every layer's MLP output replaced in one pass
+        if JOIN in hook and stack.layer_transcoder:  # a CLT: every layer's MLP output replaced in one pass
             zeroed, spliced = _layered(lm, hook, source or hook, stack, inputs, splice_m)
+        elif JOIN in hook:  # a crosscoder: every layer's activation replaced by its reconstruction, at once
+            zeroed, spliced = _joint(lm, hook, stack, inputs, splice_m)
         else:
             zeroed = lm.logits(inputs, hook, zero, source)
             spliced = lm.logits(inputs.repeat(M, 1), hook, reconstruct, source)
@@ -172,11 +174,27 @@ def _layered(
     return zeroed, lm.logits_layered(inputs.repeat(M, 1), targets, sources, replace)
 
 
+def _joint(lm: LanguageModel, hook: str, stack: SAE, inputs: Tensor, splice_m: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits of rows inputs [n, T] with every joined hook zeroed, and of the M models' copies with every joined
+    hook's value replaced by its block of the stack's reconstruction of the clean pass's activations (an acausal
+    crosscoder reads later layers too, so it cannot be applied layer after layer as a CLT is)."""
+    hooks, M = hook.split(JOIN), stack.n_models
+    zeroed = lm.logits_layered(inputs, hooks, hooks, lambda j, act, src: torch.zeros_like(act))
+    clean = lm.activations(inputs, [hook])[hook]  # [n, T, L·d]
+    blocks = stack.reconstruct(clean.reshape(-1, clean.shape[-1]).float()).split(clean.shape[-1] // len(hooks), -1)
+
+    def replace(j: int, act: Tensor, _src: Tensor) -> Tensor:
+        out = blocks[j].to(act.dtype).reshape(act.shape)
+        return torch.where(splice_m[..., None].to(act.device), out, act)
+
+    return zeroed, lm.logits_layered(inputs.repeat(M, 1), hooks, hooks, replace)
+
+
 @torch.no_grad()
 def layer_stats(stack: SAE, x_eval: Tensor, batch_size: int) -> dict[str, Tensor]:
-    """A cross-layer stack's reconstruction per layer on held-out rows [N, d_in + d_out]: `fvu_by_layer` [M, L] (each
-    target layer's squared error over its own variance) and `l0_by_layer` [M, L] (active latents per token of each
-    source layer)."""
+    """A cross-layer stack's reconstruction per layer on held-out rows [N, d_in + d_out] (a crosscoder's [N, d_in]):
+    `fvu_by_layer` [M, L] (each target layer's squared error over its own variance) and, for a CLT, `l0_by_layer`
+    [M, L] (active latents per token of each source layer; a crosscoder's latents belong to no layer)."""
     M, L = stack.n_models, stack.n_layers
     sq = torch.zeros(M, L, dtype=torch.float64)
     active = torch.zeros(M, L, dtype=torch.float64)
@@ -193,7 +211,8 @@ def layer_stats(stack: SAE, x_eval: Tensor, batch_size: int) -> dict[str, Tensor
     n = x_eval.shape[0]
     assert t_sum is not None and t_sq is not None
     variance = (t_sq - t_sum.pow(2) / n).sum(-1).cpu()  # [L]: Σ over a layer's dimensions of n·var
-    return {"fvu_by_layer": (sq / variance).float(), "l0_by_layer": (active / n).float()}
+    stats = {"fvu_by_layer": (sq / variance).float(), "l0_by_layer": (active / n).float()}
+    return stats if stack.layer_transcoder else {"fvu_by_layer": stats["fvu_by_layer"]}
 
 
 def layer_fields(stacks: list[SAE], x_eval: Tensor, batch_size: int) -> Callable[[int, int], dict[str, Any]]:

@@ -180,11 +180,14 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
 def direct_logits(lm: LanguageModel, sae: SAE, meta: dict[str, Any]) -> tuple[Effects | None, str | None]:
     """The logit lens of the SAE's decoder directions (models/unembed.py), and why there is none where there is
     none. A cross-layer transcoder's feature writes the sum of its decoders into the residual stream (every MLP
-    output joins it): that sum is what reaches the logits directly."""
-    if sae.cross_layer:
+    output joins it): that sum is what reaches the logits directly. A crosscoder's is its last layer's block (what
+    it writes at the last hook it reconstructs)."""
+    if not sae.cross_layer:
+        hook, width = meta.get("hook_name") or "", sae.d_in
+    elif sae.layer_transcoder:
         hook, width = (meta.get("hook_name_out") or "").split(JOIN)[0], sae.d_out // sae.n_layers
     else:
-        hook, width = meta.get("hook_name") or "", sae.d_in
+        hook, width = (meta.get("hook_name") or "").split(JOIN)[-1], sae.d_in // sae.n_layers
     if not hook:
         return None, "the SAE's cfg.json names no hook"
     effects, note = logit_effects(lm, hook, width), why_no_logits(lm, hook, width)
@@ -192,10 +195,11 @@ def direct_logits(lm: LanguageModel, sae: SAE, meta: dict[str, Any]) -> tuple[Ef
         return effects, note
     per_layer = effects
 
-    def summed(directions: torch.Tensor) -> torch.Tensor:
-        return per_layer(directions.reshape(directions.shape[0], sae.n_layers, width).sum(1))
+    def through(directions: torch.Tensor) -> torch.Tensor:
+        blocks = directions.reshape(directions.shape[0], sae.n_layers, width)
+        return per_layer(blocks.sum(1) if sae.layer_transcoder else blocks[:, -1])
 
-    return summed, note
+    return through, note
 
 
 def explain_all(

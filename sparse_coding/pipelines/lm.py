@@ -101,6 +101,9 @@ class RunConfig(SweepConfig, CacheConfig):
     def cross_layer(self) -> bool:
         return self.sae_cls.cross_layer
 
+    def layer_transcoder(self) -> bool:
+        return self.sae_cls.layer_transcoder
+
     @property
     def n_layers(self) -> int:
         """The layers a cross-layer dictionary spans (0 before the model has said how many, without --layers)."""
@@ -108,16 +111,18 @@ class RunConfig(SweepConfig, CacheConfig):
 
     def check_cross_layer(self) -> None:
         """Raises ConfigError for what a cross-layer dictionary cannot read."""
+        what = (
+            "always transcodes each layer's MLP (its input to its output)"
+            if self.layer_transcoder()
+            else ("reconstructs the hooks it reads at --layer_loc")
+        )
         if self.hook_name or self.hook_names:
-            raise ConfigError(
-                f"--arch {self.arch} reads each layer's MLP input and writes its output: choose the layers with "
-                "--layers (default: all), not --hook_name(s)"
-            )
-        if self.transcode or self.layer_loc not in ("mlp", "mlp_out"):
-            raise ConfigError(
-                f"--arch {self.arch} always transcodes each layer's MLP (its input to its output): drop --transcode "
-                "and --layer_loc"
-            )
+            raise ConfigError(f"--arch {self.arch} {what}: choose the layers with --layers (default: all), not "
+                              "--hook_name(s)")  # fmt: skip
+        if self.transcode:
+            raise ConfigError(f"--arch {self.arch} {what}: drop --transcode")
+        if self.layer_transcoder() and self.layer_loc not in ("mlp", "mlp_out"):
+            raise ConfigError(f"--arch {self.arch} {what}: drop --layer_loc")
         if self.layers and sorted(set(self.layers)) != self.layers:
             raise ConfigError(f"--arch {self.arch}: give --layers in increasing order, each once (got {self.layers})")
         if self.skip_connection:
@@ -126,7 +131,7 @@ class RunConfig(SweepConfig, CacheConfig):
     def resample_steps(self) -> int:
         """As a sweep's, but the architecture's default applies only where resampling can: not for transcoders
         (it resamples towards inputs) nor under --parallel data (each process sees its own inputs)."""
-        if self.resample_every is None and (self.transcode or self.cross_layer() or self.parallel == "data"):
+        if self.resample_every is None and (self.transcode or self.layer_transcoder() or self.parallel == "data"):
             return 0
         return super().resample_steps()
 

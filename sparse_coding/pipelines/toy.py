@@ -56,18 +56,26 @@ class ToyRunConfig(SweepConfig, ToyDataConfig):
 
     def check(self) -> None:
         super().check()
-        cross = [cls.cross_layer for cls in self.sae_classes()]
+        classes = self.sae_classes()
+        cross = [cls.cross_layer for cls in classes]
         if any(cross) != all(cross) or any(cross) != bool(self.n_layers):
             raise ConfigError(
-                "cross-layer transcoders (--arch clt, clt_batchtopk, clt_jumprelu) train on the cross-layer toy "
-                "(--n_layers L) and only they do: give both, or neither"
+                "cross-layer dictionaries (--arch clt, clt_batchtopk, clt_jumprelu, crosscoder) train on the "
+                "cross-layer toy (--n_layers L) and only they do: give both, or neither"
             )
+        if len({cls.layer_transcoder for cls in classes}) > 1:
+            raise ConfigError("CLTs and crosscoders read different data: train them in separate runs")
+        if self.n_layers:
+            self.layer_inputs = classes[0].layer_transcoder  # a crosscoder reads the layers' outputs alone
         self.check_sizes(self.widths()[0])
 
     def widths(self) -> tuple[int, int | None]:
         """The SAEs' input width and a transcoder's output width (None: SAEs): every layer's, on the cross-layer toy."""
         if self.n_layers:
-            return self.n_layers * self.activation_dim, self.n_layers * self.activation_dim
+            return (
+                self.n_layers * self.activation_dim,
+                self.n_layers * self.activation_dim if self.layer_inputs else None,
+            )
         return self.activation_dim, None
 
     def data_config(self) -> ToyDataConfig:

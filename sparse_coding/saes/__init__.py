@@ -9,6 +9,7 @@ from sparse_coding.errors import ConfigError, SAEFolderError
 from sparse_coding.saes.base import SAE, TrainOutput
 from sparse_coding.saes.batchtopk import BatchTopKSAE
 from sparse_coding.saes.clt import BatchTopKCLT, CrossLayerTranscoder, JumpReLUCLT
+from sparse_coding.saes.crosscoder import Crosscoder
 from sparse_coding.saes.gated import GatedSAE
 from sparse_coding.saes.jumprelu import JumpReLUSAE
 from sparse_coding.saes.matryoshka import MatryoshkaSAE
@@ -25,6 +26,7 @@ SAES: dict[str, type[SAE]] = {
     "clt": CrossLayerTranscoder,
     "clt_batchtopk": BatchTopKCLT,
     "clt_jumprelu": JumpReLUCLT,
+    "crosscoder": Crosscoder,
 }
 
 

@@ -87,8 +87,12 @@ class SAE(nn.Module, ABC):
     # The matmuls of the architecture's dense training step, [B, d_in]×[d_in, d_sae]-sized each (bench/sae_step.py
     # times them as the roofline): encoder forward, decoder forward, the codes' gradient, both weight gradients.
     roofline_matmuls: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "codes_grad", "decoder_grad", "encoder_grad")
-    # Trained on several layers at once (CLTs): batches hold every layer's input and output; not in --arch all.
+    # Trained on several layers at once (CLTs, crosscoders): batches hold every layer's activations side by side;
+    # not in --arch all.
     cross_layer: ClassVar[bool] = False
+    # A cross-layer family that reads each layer's MLP input and writes MLP outputs (a CLT) rather than
+    # reconstructing the hooks it reads (a crosscoder).
+    layer_transcoder: ClassVar[bool] = False
     n_layers: int = 1  # the layers a cross-layer stack spans; its outputs (and codes) are that many blocks
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
     default_resample_every: ClassVar[int] = 0  # steps between resamplings where the config leaves it (0: never)

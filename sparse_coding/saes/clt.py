@@ -65,6 +65,7 @@ class CrossLayerTranscoder(SAE):
     knob = "k"
     options = ("n_layers", "auxk_alpha", "dead_tokens_threshold", "decoder_bias")
     cross_layer = True
+    layer_transcoder = True
     lowers_decoder = False  # the sparse decoder stays fp32 under --train_dtype, as the TopK SAE's
     activation_function: ClassVar[str] = "topk"  # cfg.json's name of the nonlinearity
 

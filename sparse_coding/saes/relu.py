@@ -130,8 +130,12 @@ class ReluSAE(PenaltySAE):
     def l1_scale(self) -> float:
         return 1.0 / self.d_sae if self.l1_norm == "dict_size" else 1.0
 
+    def l1_weights(self) -> Tensor | None:
+        """Each latent's weight in the L1 term, [M, d_sae]: its decoder norm with a free decoder, else none (1)."""
+        return self.decoder_norms() if self.free_decoder else None
+
     def train_forward(self, x: Tensor, stats: bool = True, target: Tensor | None = None) -> TrainOutput:
-        weights = self.decoder_norms() if self.free_decoder else None  # L1 weighted by decoder norms
+        weights = self.l1_weights()
         M, B = self.n_models, x.shape[0]
         with torch.no_grad():  # the codes first (their gradients come from the step below), to choose its path
             xc = self.center(x)

@@ -65,10 +65,12 @@ def test_fp32_runs_the_plain_matmuls(monkeypatch):
     monkeypatch.setattr(Precision, "cast", refuse)
     x = torch.randn(16, 8)
     for arch, cls in SAES.items():
-        layers = {"n_layers": 2, "d_out": 8} if cls.cross_layer else {}  # a CLT over 2 layers of 4
+        layers = {"n_layers": 2} if cls.cross_layer else {}  # a CLT or crosscoder over 2 layers of 4
+        if cls.layer_transcoder:
+            layers["d_out"] = 8
         sae = build_sae(arch, 8, 32, [{cls.knob: 2 if cls.knob == "k" else 0.1}], **layers)
         assert sae.precision is FP32
-        sae.train_forward(x, **({"target": x} if cls.cross_layer else {})).loss.sum().backward()
+        sae.train_forward(x, **({"target": x} if cls.layer_transcoder else {})).loss.sum().backward()
         sae.reconstruct(x)
 
 

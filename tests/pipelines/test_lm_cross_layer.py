@@ -1,6 +1,7 @@
-"""Cross-layer transcoders on a language model (run.py --arch clt*): per-layer metrics, CE recovered with every MLP
-replaced at once (checked against a replacement spliced by hand into the HF model from the saved circuit-tracer
-files), evaluate.py agreeing with run.py, interpret.py's logit effects, streaming, and latent sharding."""
+"""Dictionaries across layers on a language model. Cross-layer transcoders (run.py --arch clt*): per-layer metrics,
+CE recovered with every MLP replaced at once (checked against a replacement spliced by hand into the HF model from
+the saved circuit-tracer files), evaluate.py agreeing with run.py, interpret.py's logit effects, streaming, and
+latent sharding. Crosscoders (--arch crosscoder): the same, every layer's residual replaced at once."""
 
 from __future__ import annotations
 
@@ -126,11 +127,15 @@ def test_a_streamed_batchtopk_clt(clt_run, tmp_path):
         assert 0 < row["l0"] < 4 * row["k"]  # held out, through the learned thresholds (k per layer on average)
 
 
-def test_a_clt_trains_on_two_latent_shards_as_in_one_process(clt_run, tmp_path):
-    """Every layer's latents split over 2 gloo processes: the same loss curve and weights as one process."""
-    _, args = clt_run
+@pytest.mark.parametrize("arch", ["clt", "crosscoder"])
+def test_trains_on_two_latent_shards_as_in_one_process(clt_run, tmp_path, arch):
+    """The latents (a CLT's: every layer's) split over 2 gloo processes: the same weights as one process."""
+    root, args = clt_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["--arch", "clt", "--n_steps", "15", "--dict_ratio_exp_high", "0", "--log_every", "5"]
+    extra = ["--arch", arch, "--n_steps", "15", "--dict_ratio_exp_high", "0", "--log_every", "5"]
+    if arch == "crosscoder":
+        i = args.index("--activations_dir")
+        args = [*args[:i], "--activations_dir", str(root / "cc_shard_acts"), "--layer_loc", "residual"]
     one = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "--out", str(tmp_path / "one"), *extra],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -142,7 +147,76 @@ def test_a_clt_trains_on_two_latent_shards_as_in_one_process(clt_run, tmp_path):
     for ra, rb in zip(_runs(tmp_path / "one"), _runs(tmp_path / "two"), strict=True):
         assert ra["fvu_by_layer"] == pytest.approx(rb["fvu_by_layer"], rel=1e-4)
         a, b = (tmp_path / d / "saes" / ra["name"] for d in ("one", "two"))
-        for f in sorted(p.name for p in a.glob("W_*.safetensors")):
+        for f in sorted(p.name for p in a.glob("*.safetensors") if p.name != "sparsity.safetensors"):
             wa, wb = load_file(a / f), load_file(b / f)
             for k in wa:
                 assert torch.allclose(wa[k], wb[k], atol=1e-5), (f, k)
+
+
+@pytest.fixture(scope="module")
+def crosscoder_run(clt_run):
+    root, args = clt_run
+    i = args.index("--activations_dir")
+    run.main([*args[:i], "--activations_dir", str(root / "cc_acts"), "--out", str(root / "cc"), "--arch", "crosscoder",
+              "--layer_loc", "residual", "--n_steps", "30", "--l1_exp_low", "-2", "--l1_exp_high", "-1"])  # fmt: skip
+    return root
+
+
+def test_a_crosscoder_reads_every_layer_at_once(crosscoder_run, tmp_path):
+    root = crosscoder_run
+    results = json.loads((root / "cc" / "results.json").read_text())
+    assert results["hook_name"] == "h.0+h.1" and results["target_hook"] is None and results["layers"] == [0, 1]
+    for row in results["runs"]:
+        assert len(row["fvu_by_layer"]) == 2 and "l0_by_layer" not in row  # shared latents: no layer of their own
+    row = results["runs"][0]
+    ce_rows = json.loads((root / "cc" / "config.json").read_text())["ce_eval_rows"]
+    evaluate.main(["--sae_dir", str(root / "cc" / "saes" / row["name"]), "--out", str(tmp_path / "e"),
+                   "--ce_eval_rows", str(ce_rows)])  # fmt: skip
+    ours = json.loads((tmp_path / "e" / "eval.json").read_text())["saes"][row["name"]]["metrics"]
+    for cat, values in row["core"].items():
+        for key, v in values.items():
+            assert ours[cat][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (cat, key)
+    interpret.main(["--run_dir", str(root / "cc"), "--n_features", "2", "--max_rows", "32", "--baselines", "random",
+                    "--out", str(tmp_path / "i")])  # fmt: skip
+    feature = json.loads(next((tmp_path / "i" / "features").glob("sae_*.json")).read_text())
+    assert len(feature["top_logits"]) == 10
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def test_crosscoder_ce_replaces_every_layer_with_its_reconstruction_of_the_clean_pass(crosscoder_run):
+    root = crosscoder_run
+    sae_dir = root / "cc" / "saes" / _runs(root / "cc")[0]["name"]
+    sae, cfg = load_sae(sae_dir)
+    tokens = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    lm = load_language_model(str(root / "gpt2"), torch.device("cpu"))
+    ours = ce_and_kl(lm, cfg["metadata"]["hook_name"], sae, tokens)
+
+    model = GPT2LMHeadModel.from_pretrained(root / "gpt2").eval()
+    blocks = model.transformer.h
+    clean: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda _m, _a, out: clean.append(_hidden(out))) for b in blocks]
+    model(tokens)
+    for h in handles:
+        h.remove()
+    w = load_file(sae_dir / "sae_weights.safetensors")  # SAELens layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in]
+    x = torch.cat(clean, dim=-1)
+    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    recon = torch.relu(x_in @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
+    parts = recon.split(x.shape[-1] // len(blocks), dim=-1)
+
+    def swap(j):
+        def hook(_m, _a, out):
+            return (parts[j], *out[1:]) if isinstance(out, tuple) else parts[j]
+
+        return hook
+
+    handles = [b.register_forward_hook(swap(j)) for j, b in enumerate(blocks)]
+    logits = model(tokens).logits
+    for h in handles:
+        h.remove()
+    ce = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+    assert float(ours["ce_sae"][0]) == pytest.approx(ce, rel=1e-5)
