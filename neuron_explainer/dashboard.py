@@ -23,6 +23,7 @@ def feature_dashboard(record: FeatureRecord, simulated: dict[str, list[list[floa
     - top_logits, bottom_logits: [[token, logit], ...] the direction promotes / suppresses through the unembedding,
       or null, with logits_note saying why (the caller's extras);
     - neighbours: [{"index", "cosine"}] nearest features by direction;
+    - head_shares: at an attention-heads hook (attn_z), the direction's share per head (sums to 1), else absent;
     - score_intervals: {scorer: [low, high]} for the correlation scores, a bootstrap over the scored windows."""
     extras, rate = record.extras, record.firing_rate
     logits = extras.get("logits") or {}
@@ -45,6 +46,7 @@ def feature_dashboard(record: FeatureRecord, simulated: dict[str, list[list[floa
         "bottom_logits": logits.get("suppressed"),
         "logits_note": None if logits else extras.get("logits_note", "no path to the logits was given"),
         "neighbours": extras.get("neighbours", []),
+        **({"head_shares": extras["head_shares"]} if "head_shares" in extras else {}),
         "score_intervals": {
             k: correlation_interval([r.activations for r in windows[k]], sims[k]) for k in CORRELATIONS
         },

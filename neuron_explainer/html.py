@@ -178,6 +178,14 @@ def feature_page(r: dict[str, Any], pages: AbstractSet[str] = frozenset()) -> st
         why = r.get("logits_note") or extras.get("logits_note") or "unknown"
         logits = f'<p class="logits-note">No logit effects: {_e(why)}</p>'
     logits = f"<h2>Logit effects (direction through the unembedding)</h2>{logits}"
+    shares = r.get("head_shares")
+    heads_html = (
+        "<h2>Share of the direction per attention head</h2><p>"
+        + ", ".join(f"head {h}: {100 * v:.1f} %" for h, v in enumerate(shares))
+        + "</p>"
+        if shares
+        else ""
+    )
     near = extras.get("neighbours")
     near_html = (
         f"<h2>Nearest features (direction cosine)</h2>{neighbours_html(r['method'], near, pages)}" if near else ""
@@ -192,7 +200,7 @@ def feature_page(r: dict[str, Any], pages: AbstractSet[str] = frozenset()) -> st
         f'<h2>Scores</h2><table class="scores"><tr><th>scorer</th><th>score</th><th>95% interval (windows '
         f"resampled)</th></tr>{scores}</table><h3>Parse failures</h3><table>{fails}</table>"
         f"<h2>Activation density (tokens where it fires)</h2>"
-        f"{histogram_svg(hist.get('edges', []), hist.get('counts', []))}{logits}{near_html}"
+        f"{histogram_svg(hist.get('edges', []), hist.get('counts', []))}{logits}{heads_html}{near_html}"
         f'<h2>Top examples (shown to the explainer)</h2><div class="top-examples">{top}</div>'
         f'<h2>Held-out top examples (true, then simulated)</h2><div class="held-out">{"".join(held)}</div>'
         f"<h2>Examples by activation quantile (held out)</h2>{quantiles_html(_quantile_examples(r), mx)}"

@@ -50,7 +50,8 @@ T5_SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
 @dataclass
 class Family:
     """A family's tiny model and, inside layer L, the modules (paths from the base model, by hand) whose output is
-    the attention output, the MLP output, and the MLP's down projection (its input = the neurons)."""
+    the attention output, the MLP output, the MLP's down projection (its input = the neurons) and the attention's
+    output projection (its input = the heads' outputs side by side)."""
 
     model_type: str
     config: Any
@@ -60,6 +61,7 @@ class Family:
     attn: str
     mlp_out: str
     down: str
+    out_proj: str
     head: str | None = "causal"
 
     def module(self, layer: int, inner: str) -> str:
@@ -70,7 +72,7 @@ def _llama_like(model_type: str, config: Any, head_class: Any) -> Family:
     """Llama, Mistral, Qwen2, Gemma 2: the same layer layout, a gated MLP whose down projection reads the neurons."""
     return Family(
         model_type, config, head_class, LLAMA_SPECIALS, blocks="layers", attn="self_attn", mlp_out="mlp",
-        down="mlp.down_proj",
+        down="mlp.down_proj", out_proj="self_attn.o_proj",
     )  # fmt: skip
 
 
@@ -78,7 +80,7 @@ def _bert_like(model_type: str, config: Any, head_class: Any, specials: dict[str
     """BERT, RoBERTa: attention and MLP outputs are dense layers inside their residual LayerNorm blocks."""
     return Family(
         model_type, config, head_class, specials, blocks="encoder.layer", attn="attention.output.dense",
-        mlp_out="output.dense", down="output.dense", head="masked",
+        mlp_out="output.dense", down="output.dense", out_proj="attention.output.dense", head="masked",
     )  # fmt: skip
 
 
@@ -92,6 +94,7 @@ FAMILIES = {
         attn="attn",
         mlp_out="mlp",
         down="mlp.c_proj",
+        out_proj="attn.c_proj",
     ),
     "gpt_neox": Family(
         "gpt_neox",
@@ -102,6 +105,7 @@ FAMILIES = {
         attn="attention",
         mlp_out="mlp",
         down="mlp.dense_4h_to_h",
+        out_proj="attention.dense",
     ),
     "llama": _llama_like("llama", tf.LlamaConfig(**LLAMA_LIKE), tf.LlamaForCausalLM),
     "mistral": _llama_like("mistral", tf.MistralConfig(**LLAMA_LIKE), tf.MistralForCausalLM),
@@ -124,6 +128,7 @@ FAMILIES = {
         attn="self_attn",
         mlp_out="fc2",
         down="fc2",
+        out_proj="self_attn.out_proj",
     ),
     "phi": Family(
         "phi",
@@ -134,6 +139,7 @@ FAMILIES = {
         attn="self_attn",
         mlp_out="mlp",
         down="mlp.fc2",
+        out_proj="self_attn.dense",
     ),
     "bert": _bert_like("bert", tf.BertConfig(**BERT_LIKE), tf.BertForMaskedLM, BERT_SPECIALS),
     "roberta": _bert_like(
@@ -148,6 +154,7 @@ FAMILIES = {
         attn="attention",
         mlp_out="ffn",
         down="ffn.lin2",
+        out_proj="attention.out_lin",
         head="masked",
     ),
     "t5": Family(
@@ -159,6 +166,7 @@ FAMILIES = {
         attn="layer.0.SelfAttention",
         mlp_out="layer.1.DenseReluDense",
         down="layer.1.DenseReluDense.wo",
+        out_proj="layer.0.SelfAttention.o",
         head=None,
     ),
 }

@@ -46,7 +46,10 @@ class CacheConfig(Config):
     model_dtype: str = option("fp32", "dtype of the model's forward pass when caching", choices=tuple(MODEL_DTYPES))
     layer: int = option(1, "the layer whose activations are stored", ge=0)
     layer_loc: str = option(
-        "mlp", "where in the layer: mlp (hidden neurons), mlp_out, residual, attn", choices=LAYER_LOCS
+        "mlp",
+        "where in the layer: mlp (hidden neurons), mlp_out, residual, attn, attn_z (the heads' outputs before the "
+        "output projection)",
+        choices=LAYER_LOCS,
     )
     hook_name: str = option("", "explicit hook: a module path (AutoModel's names), ':input' for its input")
     layers: list[int] | None = option(None, "several layers at --layer_loc: one store and one sweep each", ge=0)
@@ -112,6 +115,7 @@ class Target:
     target_hook: str | None = None
     layer: int | None = None  # when given by --layer(s)
     layers: tuple[int, ...] = ()  # a cross-layer dictionary's layers (its hooks are them joined with '+')
+    heads: int = 0  # attention heads per layer at an attn_z hook (their outputs side by side); 0 elsewhere
 
     @property
     def name(self) -> str:
@@ -120,13 +124,13 @@ class Target:
 
 def resolve_targets(cfg: CacheConfig, lm: LanguageModel) -> list[Target]:
     """Gives the sweeps' targets from --hook_name(s) or --layer(s) and --layer_loc, by their canonical names."""
+    heads = (lm.n_heads() or 0) if cfg.layer_loc == "attn_z" else 0
     if cfg.cross_layer():  # one sweep over every layer's hooks, joined in layer order
         if not cfg.layers:
             cfg.layers = list(range(lm.n_layers()))  # all of them (what circuit-tracer expects); config.json says so
         if not cfg.layer_transcoder():  # a crosscoder: the hooks at --layer_loc
-            return [
-                Target(JOIN.join(lm.hook_for(layer, cfg.layer_loc) for layer in cfg.layers), layers=tuple(cfg.layers))
-            ]
+            hook = JOIN.join(lm.hook_for(layer, cfg.layer_loc) for layer in cfg.layers)
+            return [Target(hook, layers=tuple(cfg.layers), heads=heads)]
         pairs = [lm.mlp_transcode_hooks(layer) for layer in cfg.layers]  # a CLT: each MLP's input and output
         return [Target(JOIN.join(i for i, _ in pairs), JOIN.join(o for _, o in pairs), layers=tuple(cfg.layers))]
     hooks = cfg.hook_names or ([cfg.hook_name] if cfg.hook_name else None)
@@ -137,7 +141,7 @@ def resolve_targets(cfg: CacheConfig, lm: LanguageModel) -> list[Target]:
     layers = cfg.layers or [cfg.layer]
     if cfg.transcode:
         return [Target(*lm.mlp_transcode_hooks(layer), layer=layer) for layer in layers]
-    return [Target(lm.hook_for(layer, cfg.layer_loc), layer=layer) for layer in layers]
+    return [Target(lm.hook_for(layer, cfg.layer_loc), layer=layer, heads=heads) for layer in layers]
 
 
 def _slug(s: str) -> str:

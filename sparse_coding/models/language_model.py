@@ -24,7 +24,7 @@ from sparse_coding.errors import ModelError
 from sparse_coding.models.layouts import INPUT, LAYOUTS, Layout, infer_layout
 from sparse_coding.models.tokenizer import Tokenizer
 
-LAYER_LOCS = ("mlp", "mlp_out", "residual", "attn")
+LAYER_LOCS = ("mlp", "mlp_out", "residual", "attn", "attn_z")
 # Joins hooks whose values a cross-layer dictionary reads side by side: "a+b" is a's value then b's, along the last
 # dimension ([B, T, d_a + d_b]), from one forward pass.
 JOIN = "+"
@@ -93,8 +93,18 @@ class LanguageModel:
     def n_layers(self) -> int:
         return len(self._blocks())
 
+    def n_heads(self) -> int | None:
+        """Gives the attention heads per layer, from the model's config (None where it does not say)."""
+        for cfg in (getattr(self.model, "config", None), getattr(self.model, "cfg", None)):
+            for key in ("n_head", "num_attention_heads", "n_heads", "num_heads"):
+                value = getattr(cfg, key, None)
+                if isinstance(value, int):
+                    return value
+        return None
+
     def hook_for(self, layer: int, layer_loc: str) -> str:
-        """Gives the hook of a layer's location: mlp (neurons), mlp_out, residual, attn; mlp_in for --transcode."""
+        """Gives the hook of a layer's location: mlp (neurons), mlp_out, residual, attn, attn_z (the heads' outputs
+        before the output projection); mlp_in for --transcode."""
         if layer_loc not in (*LAYER_LOCS, "mlp_in"):
             raise ModelError(f"layer_loc must be one of {LAYER_LOCS}, got {layer_loc!r}")
         n = self.n_layers()
@@ -164,7 +174,10 @@ class LanguageModel:
             if not isinstance(value, Tensor):
                 raise ModelError(f"hook {hook} gives a {type(value).__name__}, not a tensor; hook a module inside it")
             flat = value.dim() == 2 and value.shape[0] == rows.numel()
-            new = fn(value.view(*rows, -1) if flat else value)
+            flat |= (
+                value.dim() > 3 and value.shape[:2] == rows
+            )  # per head (TransformerLens' hook_z): heads side by side
+            new = fn(value.reshape(*rows, -1) if flat else value)
             return None if new is None else new.reshape(value.shape)
 
         if hook.input:

@@ -7,6 +7,8 @@ wraps it); a path ending in ":input" means that module's input rather than its o
 - mlp_out: the MLP's output, before it joins the residual stream.
 - attn: the attention's output, before it joins the residual stream (BERT-style layers: before their residual
   LayerNorm).
+- attn_z: the attention heads' outputs side by side, before the output projection mixes them (the projection's
+  input; TransformerLens' hook_z, [.., heads, d_head] flattened): [..., n_heads · d_head], head-major.
 - residual: the residual stream after the layer (the layer's own output).
 - mlp_in (for --transcode): the MLP's input, after the layer norm in front of it.
 Families not listed get a layout guessed from the module names (`infer_layout`); --hook_name always works.
@@ -27,6 +29,7 @@ class Layout:
     mlp: str
     mlp_out: str
     attn: str
+    attn_z: str = ""  # the attention's output projection's input; empty: the family has none found
     mlp_in: str = ""  # empty: the input of mlp_out's module
     residual: str = ""  # empty: the layer's own output
 
@@ -40,12 +43,13 @@ class Layout:
         return getattr(self, name) or None
 
 
-_GATED = Layout("layers", mlp="mlp.down_proj:input", mlp_out="mlp", attn="self_attn")
+_GATED = Layout("layers", mlp="mlp.down_proj:input", mlp_out="mlp", attn="self_attn", attn_z="self_attn.o_proj:input")
 _BERT = Layout(
     "encoder.layer",
     mlp="intermediate",
     mlp_out="output.dense",
     attn="attention.output.dense",
+    attn_z="attention.output.dense:input",
     mlp_in="intermediate:input",
 )
 _T5 = Layout(
@@ -53,13 +57,14 @@ _T5 = Layout(
     mlp="layer.1.DenseReluDense.wo:input",
     mlp_out="layer.1.DenseReluDense",
     attn="layer.0.SelfAttention",
+    attn_z="layer.0.SelfAttention.o:input",
 )
 
 # config.model_type → layout. Our nanoGPT is laid out like GPT-2 but keeps the "transformer." prefix (it is
 # its own base model).
 LAYOUTS: dict[str, Layout] = {
-    "gpt2": Layout("h", mlp="mlp.act", mlp_out="mlp", attn="attn"),
-    "gpt_neox": Layout("layers", mlp="mlp.act", mlp_out="mlp", attn="attention"),
+    "gpt2": Layout("h", mlp="mlp.act", mlp_out="mlp", attn="attn", attn_z="attn.c_proj:input"),
+    "gpt_neox": Layout("layers", mlp="mlp.act", mlp_out="mlp", attn="attention", attn_z="attention.dense:input"),
     "llama": _GATED,
     "mistral": _GATED,
     "qwen2": _GATED,
@@ -67,21 +72,31 @@ LAYOUTS: dict[str, Layout] = {
     "gemma": _GATED,
     "gemma2": _GATED,
     "phi3": _GATED,
-    "opt": Layout("decoder.layers", mlp="fc2:input", mlp_out="fc2", attn="self_attn", mlp_in="fc1:input"),
-    "phi": Layout("layers", mlp="mlp.fc2:input", mlp_out="mlp", attn="self_attn"),
+    "opt": Layout(
+        "decoder.layers",
+        mlp="fc2:input",
+        mlp_out="fc2",
+        attn="self_attn",
+        attn_z="self_attn.out_proj:input",
+        mlp_in="fc1:input",
+    ),
+    "phi": Layout("layers", mlp="mlp.fc2:input", mlp_out="mlp", attn="self_attn", attn_z="self_attn.dense:input"),
     "bert": _BERT,
     "roberta": _BERT,
-    "distilbert": Layout("transformer.layer", mlp="ffn.lin2:input", mlp_out="ffn", attn="attention"),
+    "distilbert": Layout(
+        "transformer.layer", mlp="ffn.lin2:input", mlp_out="ffn", attn="attention", attn_z="attention.out_lin:input"
+    ),
     "t5": _T5,
     "mt5": _T5,
     "umt5": _T5,
-    "nanogpt": Layout("transformer.h", mlp="mlp.gelu", mlp_out="mlp", attn="attn"),
+    "nanogpt": Layout("transformer.h", mlp="mlp.gelu", mlp_out="mlp", attn="attn", attn_z="attn.c_proj:input"),
     # TransformerLens hook points are modules too (identity ones), so the same code reaches them.
     "transformer_lens": Layout(
         "blocks",
         mlp="mlp.hook_post",
         mlp_out="hook_mlp_out",
         attn="hook_attn_out",
+        attn_z="attn.hook_z",
         mlp_in="ln2.hook_normalized",
         residual="hook_resid_post",
     ),
@@ -90,6 +105,7 @@ LAYOUTS: dict[str, Layout] = {
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _DOWN_NAMES = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "w2", "lin2")
+_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "out_lin", "wo", "o")
 
 
 def infer_layout(base: nn.Module) -> Layout | None:
@@ -103,7 +119,14 @@ def infer_layout(base: nn.Module) -> Layout | None:
     mlp = _child(first, _MLP_NAMES)
     attn = _child(first, _ATTN_NAMES) or ""
     down = _child(first.get_submodule(mlp), _DOWN_NAMES) if mlp else None
-    return Layout(blocks, mlp=f"{mlp}.{down}{INPUT}" if down else "", mlp_out=mlp or "", attn=attn)
+    out = _child(first.get_submodule(attn), _OUT_NAMES) if attn else None
+    return Layout(
+        blocks,
+        mlp=f"{mlp}.{down}{INPUT}" if down else "",
+        mlp_out=mlp or "",
+        attn=attn,
+        attn_z=f"{attn}.{out}{INPUT}" if out else "",
+    )
 
 
 def _child(module: nn.Module, names: tuple[str, ...]) -> str | None:

@@ -30,6 +30,7 @@ from sparse_coding.activations.store import ActivationDataset
 from sparse_coding.config import Config, option
 from sparse_coding.data.text import TokenStream, iter_documents
 from sparse_coding.errors import UserError
+from sparse_coding.eval.heads import head_shares
 from sparse_coding.files import read_json, write_json
 from sparse_coding.locks import run_folder_lock
 from sparse_coding.models.language_model import JOIN, LanguageModel, load_language_model
@@ -164,7 +165,8 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
         prepare_out(cfg, sae_dir, out)
         sets = feature_sets(cfg, sae, dense)
         write_json(out / "sae.json", sae_overview(sae_dir, sets["sae"].acts, dense))
-        explain_all(cfg, sets, tokens, lm, direct_logits(lm, sae, meta), out)
+        heads = (int(meta.get("n_heads") or 0), len(meta.get("layers") or []) or 1)
+        explain_all(cfg, sets, tokens, lm, direct_logits(lm, sae, meta), out, heads)
         extra = {
             "sae_dir": str(sae_dir),
             "model_name": meta.get("model_name"),
@@ -209,9 +211,11 @@ def explain_all(
     lm: LanguageModel,
     logits: tuple[Effects | None, str | None],
     out: Path,
+    heads: tuple[int, int] = (0, 1),
 ) -> None:
-    """Builds every method's feature records (with their dashboard data: logits from the SAE's `direct_logits`),
-    then explains, simulates and scores them into out/features/."""
+    """Builds every method's feature records (with their dashboard data: logits from the SAE's `direct_logits`;
+    at an attn_z hook, heads = (heads per layer, layers), each feature's share per head), then explains, simulates
+    and scores them into out/features/."""
     ids = tokens.unique().tolist()
     id_to_str = dict(zip(ids, lm.tokenizer.decode_tokens(ids), strict=True))
     effects, logits_note = logits
@@ -220,7 +224,7 @@ def explain_all(
         print(f"{name}: {len(fs.features) if fs.features is not None else fs.acts.shape[-1]} features")
         records = build_feature_records(tokens.numpy(), fs.acts, id_to_str, features=fs.features, cfg=rec_cfg,
                                         method=name)  # fmt: skip
-        add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens, logits_note)
+        add_dashboard(records, fs.directions, effects, lm.tokenizer.decode_tokens, logits_note, heads=heads)
         interpret_features(records, out, name, api_config(cfg))
 
 
@@ -300,9 +304,11 @@ def add_dashboard(
     logits_note: str | None = None,
     n_neighbours: int = 5,
     n_tokens: int = 10,
+    heads: tuple[int, int] = (0, 1),
 ) -> None:
-    """Adds to each record's extras its nearest features by direction cosine and, where the path to the
-    logits is known, the tokens its direction promotes and suppresses most (models/unembed.py); else why not."""
+    """Adds to each record's extras its nearest features by direction cosine, where the path to the logits is
+    known the tokens its direction promotes and suppresses most (models/unembed.py), else why not, and with
+    heads = (n_heads, layers) its direction's share per attention head (eval/heads.py)."""
     if not records:
         return
     idx = torch.tensor([r.feature_index for r in records])
@@ -311,7 +317,10 @@ def add_dashboard(
     sims[torch.arange(len(idx)), idx] = float("-inf")
     near_cos, near_idx = sims.topk(min(n_neighbours, max(unit.shape[0] - 1, 1)), dim=1)
     logits = effects(directions[idx]) if effects is not None else None
+    shares = head_shares(directions[idx], *heads) if heads[0] else None
     for i, record in enumerate(records):
+        if shares is not None:
+            record.extras["head_shares"] = [round(float(v), 4) for v in shares[i]]
         record.extras["neighbours"] = [
             {"index": int(j), "cosine": round(float(c), 4)} for j, c in zip(near_idx[i], near_cos[i], strict=True)
         ]

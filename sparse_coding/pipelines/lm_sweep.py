@@ -21,13 +21,14 @@ from sparse_coding.activations.caching import Target
 from sparse_coding.activations.streaming import StreamedActivations
 from sparse_coding.errors import ConfigError
 from sparse_coding.eval.core import core_metrics, weight_metrics
+from sparse_coding.eval.heads import head_shares, head_summary
 from sparse_coding.eval.plots import density_histograms
 from sparse_coding.eval.reconstruction import ce_and_kl, evaluate, layer_fields
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
-from sparse_coding.files import load_tensors, read_json, write_json
+from sparse_coding.files import load_tensors, read_json, save_tensors, write_json
 from sparse_coding.models.language_model import LanguageModel
 from sparse_coding.saes import SAE
-from sparse_coding.saes.saelens import load_sae
+from sparse_coding.saes.saelens import HEADS_FILE, load_sae
 from sparse_coding.saes.sources import resolve_sae_source
 from sparse_coding.training.checkpoint import check_resumable, check_world, checkpoint_dir, config_fingerprint
 from sparse_coding.training.distributed import (
@@ -251,12 +252,18 @@ def evaluate_and_save(
 
     ce_tokens = eval_tokens.numel() if eval_tokens is not None else 0
     by_layer = layer_fields(stacks, x_eval, cfg.batch_size)
+    blocks = len(target.layers) or 1  # a crosscoder over several attn_z hooks: heads of every layer
+    shares = [
+        [head_shares(s.decoder()[m], target.heads, blocks) for m in range(s.n_models)] if target.heads else []
+        for s in stacks
+    ]
 
     def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
         core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, (ce_tokens, positions))
         ce = {key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}
-        return {**ce, **by_layer(i, m), "core": core}
+        heads = {"n_heads": target.heads, **head_summary(shares[i][m])} if target.heads else {}
+        return {**ce, **by_layer(i, m), **heads, "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)
     meta = {
@@ -264,6 +271,7 @@ def evaluate_and_save(
         "hook_name": target.hook or None,
         **({"hook_name_out": target.target_hook} if target.target_hook else {}),
         **({"layers": list(target.layers)} if target.layers else {}),
+        **({"n_heads": target.heads} if target.heads else {}),
         "context_size": data.manifest.get("context_length"),
         "dataset_path": data.manifest.get("dataset"),
         "activations_dir": str(data.folder) if data.folder is not None else None,  # None: streamed, nothing stored
@@ -273,6 +281,9 @@ def evaluate_and_save(
         "batch_size": cfg.batch_size,
     }
     save_saes(stacks, stats, run.out_dir / "saes", meta)
+    for s, per_model in zip(stacks, shares, strict=True):  # attn_z: each latent's share per head, beside its weights
+        for m, share in enumerate(per_model):
+            save_tensors(run.out_dir / "saes" / s.name(m) / HEADS_FILE, {"head_share": share})
     return rows
 
 
@@ -290,6 +301,7 @@ def write_report(run: Run, sweep: Sweep, rows: list[dict[str, Any]], steps: int)
         "hook_name": sweep.target.hook or None,
         "target_hook": sweep.target.target_hook,
         **({"layers": list(sweep.target.layers)} if sweep.target.layers else {}),
+        **({"n_heads": sweep.target.heads} if sweep.target.heads else {}),
         "d_in": sweep.data.d,
         "d_out": sweep.data.d_out,
         "activations_dir": str(sweep.data.folder) if sweep.data.folder is not None else None,

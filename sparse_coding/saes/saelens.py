@@ -16,6 +16,7 @@ from sparse_coding.saes import SAE, arch_for_saelens_name, sae_class
 from sparse_coding.saes.base import WEIGHTS_FILE
 
 CFG_FILE, SPARSITY_FILE = "cfg.json", "sparsity.safetensors"
+HEADS_FILE = "head_attribution.safetensors"  # attn_z dictionaries: each latent's share per head (eval/heads.py)
 SAELENS_LAYOUT = "6.0.0"
 
 
@@ -65,7 +66,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SA
     """Reads a SAELens folder written by `save_sae` (or a compatible one) as a one-model stack; gives it and
     its cfg.json."""
     folder = Path(folder)
-    weight_files = sorted(p for p in folder.glob("*.safetensors") if p.name != SPARSITY_FILE)
+    weight_files = sorted(p for p in folder.glob("*.safetensors") if p.name not in (SPARSITY_FILE, HEADS_FILE))
     if not (folder / CFG_FILE).is_file() or not weight_files:
         raise SAEFolderError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     cfg = read_json(folder / CFG_FILE)

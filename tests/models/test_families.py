@@ -65,6 +65,23 @@ def test_layer_locs_equal_the_models_own_forward(zoo, name):
     assert torch.allclose(through_down, down_out, atol=1e-5), "mlp neurons"
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_attn_z_is_every_heads_output_before_the_output_projection(zoo, name):
+    """--layer_loc attn_z: the output projection's input, n_heads · d_head wide; fed through the projection it
+    gives the attention's output."""
+    fam = FAMILIES[name]
+    lm = load_language_model(str(zoo[name]), CPU)
+    hook = lm.hook_for(1, "attn_z")
+    assert hook == fam.module(1, fam.out_proj) + ":input"
+    tokens = torch.randint(5, 30, (2, 9))
+    z = lm.activations(tokens, [hook])[hook]
+    own, _ = _own_forward(lm, fam, tokens)
+    out_proj = lm.base.get_submodule(fam.module(1, fam.out_proj))
+    assert z.shape[-1] % lm.n_heads() == 0 and lm.n_heads() == 4
+    with torch.no_grad():
+        assert torch.allclose(out_proj(z), own["attn"].reshape(2, 9, -1), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "bert", "t5"])
 def test_hooks_are_accepted_as_the_base_model_or_the_head_class_names_them(zoo, name):
     fam = FAMILIES[name]

@@ -63,3 +63,21 @@ def test_logits_with_a_hook_replaced(hf_folder, tl_model):
         clean = lm.logits(tokens)
         assert torch.allclose(lm.logits(tokens, hook, lambda act, src: act), clean, atol=1e-5)
         assert not torch.allclose(lm.logits(tokens, hook, lambda act, src: torch.zeros_like(act)), clean, atol=1e-3)
+
+
+def test_transformer_lens_attn_z_is_hook_z_with_its_heads_side_by_side(tl_model):
+    hook = tl_model.hook_for(1, "attn_z")
+    assert hook == "blocks.1.attn.hook_z" and tl_model.n_heads() == 4
+    tokens = torch.randint(0, 300, (2, 12))
+    _, cache = tl_model.model.run_with_cache(tokens)
+    z = tl_model.activations(tokens, [hook])[hook]
+    assert torch.equal(z, cache[hook].flatten(2))  # [B, T, heads, d_head] → [B, T, heads · d_head], head-major
+    clean = tl_model.logits(tokens)
+    assert torch.allclose(tl_model.logits(tokens, hook, lambda act, src: act.clone()), clean, atol=1e-5)
+    one_head_off = tl_model.logits(tokens, hook, lambda act, src: torch.cat([act[..., :8] * 0, act[..., 8:]], -1))
+    tl_model.model.blocks[1].attn.hook_z.add_hook(lambda t, hook: t.index_fill(2, torch.tensor([0]), 0.0))
+    try:
+        expected = tl_model.model(tokens)
+    finally:
+        tl_model.model.reset_hooks()
+    assert torch.allclose(one_head_off, expected, atol=1e-5)  # the first 8 columns are head 0

@@ -220,3 +220,25 @@ def test_crosscoder_ce_replaces_every_layer_with_its_reconstruction_of_the_clean
         h.remove()
     ce = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
     assert float(ours["ce_sae"][0]) == pytest.approx(ce, rel=1e-5)
+
+
+def test_attention_heads_outputs_and_each_latents_share_per_head(clt_run, tmp_path):
+    """--layer_loc attn_z: the heads' outputs before the output projection; rows summarise each latent's share
+    per head, the SAE folder keeps the shares (load_sae still reads it), interpret.py shows them per feature."""
+    root, args = clt_run
+    i = args.index("--activations_dir")
+    run.main([*args[:i], "--activations_dir", str(tmp_path / "acts"), "--out", str(tmp_path / "r"), "--layer_loc",
+              "attn_z", "--arch", "topk", "--n_steps", "20"])  # fmt: skip
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["hook_name"] == "h.1.attn.c_proj:input" and results["n_heads"] == 4
+    for row in results["runs"]:
+        assert sum(row["latents_per_head"]) == row["dict_size"] and 0.25 <= row["head_top_share_mean"] <= 1
+        sae, cfg = load_sae(tmp_path / "r" / "saes" / row["name"])
+        shares = load_file(tmp_path / "r" / "saes" / row["name"] / "head_attribution.safetensors")["head_share"]
+        by_hand = sae.decoder()[0].detach().view(row["dict_size"], 4, 8).pow(2).sum(-1)
+        torch.testing.assert_close(shares, by_hand / by_hand.sum(-1, keepdim=True))
+        assert cfg["metadata"]["n_heads"] == 4 and row["ce_loss_spliced"] is not None
+    interpret.main(["--run_dir", str(tmp_path / "r"), "--n_features", "2", "--max_rows", "32", "--baselines", "random",
+                    "--out", str(tmp_path / "i")])  # fmt: skip
+    feature = json.loads(next((tmp_path / "i" / "features").glob("sae_*.json")).read_text())
+    assert len(feature["head_shares"]) == 4 and sum(feature["head_shares"]) == pytest.approx(1, abs=1e-3)
