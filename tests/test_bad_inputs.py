@@ -162,6 +162,8 @@ CASES = [
     ("run", ["{args}", "--arch", "clt_jumprelu", "--layers", "1", "0"], "give --layers in increasing order"),
     ("run", ["{args}", "--arch", "clt", "--hook_name", "h.0.mlp"], "choose the layers with --layers"),
     ("run", ["{args}", "--arch", "crosscoder", "--transcode"], "reconstructs the hooks it reads at --layer_loc"),
+    ("run", ["{args}", "--diff_model", "{root}/gpt2"], "--diff_model trains a crosscoder on both models' activations"),
+    ("run", ["{args}", "--arch", "crosscoder", "--diff_model", "{root}/gpt2", "--layers", "0", "1"], "not --layers"),
     ("run", ["{args}", "--chunk_size_tokens", "100"], "must be a multiple of max_length"),
     ("run", ["{args}", "--n_eval_chunks", "3"], "must leave at least one chunk for training"),
     (

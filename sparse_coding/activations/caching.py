@@ -43,6 +43,9 @@ class CacheConfig(Config):
     model_name: str = option(
         DEFAULT_MODEL, "TransformerLens/HF hub name, local HF folder, or nanoGPT checkpoint folder"
     )
+    diff_model: str = option(
+        "", "model diffing: a second model (same tokenizer and width); one crosscoder reads both at the hook"
+    )
     model_dtype: str = option("fp32", "dtype of the model's forward pass when caching", choices=tuple(MODEL_DTYPES))
     layer: int = option(1, "the layer whose activations are stored", ge=0)
     layer_loc: str = option(
@@ -125,7 +128,7 @@ class Target:
 def resolve_targets(cfg: CacheConfig, lm: LanguageModel) -> list[Target]:
     """Gives the sweeps' targets from --hook_name(s) or --layer(s) and --layer_loc, by their canonical names."""
     heads = (lm.n_heads() or 0) if cfg.layer_loc == "attn_z" else 0
-    if cfg.cross_layer():  # one sweep over every layer's hooks, joined in layer order
+    if cfg.cross_layer() and not cfg.diff_model:  # one sweep over every layer's hooks, joined in layer order
         if not cfg.layers:
             cfg.layers = list(range(lm.n_layers()))  # all of them (what circuit-tracer expects); config.json says so
         if not cfg.layer_transcoder():  # a crosscoder: the hooks at --layer_loc

@@ -139,3 +139,21 @@ def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, path: str |
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def histogram(
+    values: Any,
+    bins: int,
+    value_range: tuple[float, float],
+    bands: Sequence[tuple[float, float, str]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: str | Path,
+) -> Path:
+    """A histogram of values, with labelled shaded bands (low, high, label) behind it."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (low, high, label), colour in zip(bands, ("tab:blue", "tab:grey", "tab:orange"), strict=False):
+        ax.axvspan(low, high, alpha=0.15, color=colour, label=label)
+    ax.hist(np.asarray(values, dtype=float), bins=bins, range=value_range, color="black", histtype="stepfilled")
+    return _finish(fig, ax, title, xlabel, ylabel, path)

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from sparse_coding.eval import metrics
 from sparse_coding.eval.synthetic import TruthMeter
 from sparse_coding.models.language_model import JOIN, LanguageModel
+from sparse_coding.models.paired import SIDES, PairedModel
 from sparse_coding.saes import SAE
 
 MASK_FRACTION = 0.15  # BERT's share of masked tokens
@@ -103,6 +104,8 @@ def ce_and_kl(
     spliced) per position), kl_zero (KL(clean ‖ zero-ablated)) and kl_score. A transcoder reads `source` (the
     module's input) and replaces `hook` (its output). The M models run as one batch of M·r rows, r chosen so
     the biggest intermediate stays under `budget` elements."""
+    if isinstance(lm, PairedModel) and lm.side is None:
+        return _both_models(lm, hook, stack, tokens, excluded, budget)
     M, (R, T) = stack.n_models, tokens.shape
     s = scoring(lm, tokens, excluded)
     totals = {"ce_clean": 0.0, "ce_zero": 0.0, "ce_sae": torch.zeros(M, dtype=torch.float64)}
@@ -172,6 +175,17 @@ def _layered(
         return torch.where(splice_m[..., None].to(act.device), out, act)
 
     return zeroed, lm.logits_layered(inputs.repeat(M, 1), targets, sources, replace)
+
+
+def _both_models(
+    lm: PairedModel, hook: str, stack: SAE, tokens: Tensor, excluded: Sequence[int], budget: int
+) -> dict[str, Tensor]:
+    """ce_and_kl of a model-diffing crosscoder: each model scored with both models' hooks replaced by the
+    crosscoder's reconstruction; every field the mean of the two models' (the pair's), and each model's own as
+    `<field>_a` / `<field>_b`."""
+    sides = {side: ce_and_kl(lm.on(side), hook, stack, tokens, excluded, budget=budget) for side in SIDES}
+    both = {k: (sides["a"][k] + sides["b"][k]) / 2 for k in sides["a"]}
+    return {**both, **{f"{k}_{side}": v for side, d in sides.items() for k, v in d.items()}}
 
 
 def _joint(lm: LanguageModel, hook: str, stack: SAE, inputs: Tensor, splice_m: Tensor) -> tuple[Tensor, Tensor]:

@@ -93,6 +93,10 @@ class LanguageModel:
     def n_layers(self) -> int:
         return len(self._blocks())
 
+    def names(self) -> dict[str, str]:
+        """What loads this model again (load_language_model's arguments), as SAE metadata keeps it."""
+        return {"model_name": self.name}
+
     def n_heads(self) -> int | None:
         """Gives the attention heads per layer, from the model's config (None where it does not say)."""
         for cfg in (getattr(self.model, "config", None), getattr(self.model, "cfg", None)):
@@ -318,9 +322,15 @@ class TransformerLensModel(LanguageModel):
         return self.model(tokens)
 
 
-def load_language_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LanguageModel:
+def load_language_model(
+    name: str, device: torch.device, dtype: torch.dtype = torch.float32, diff_model: str = ""
+) -> LanguageModel:
     """Gives the model named: a local nanoGPT checkpoint or HF folder, else a TransformerLens or HF hub name.
-    dtype is the forward pass's (--model_dtype)."""
+    dtype is the forward pass's (--model_dtype). With diff_model, the pair of the two (models/paired.py)."""
+    if diff_model:
+        from sparse_coding.models.paired import PairedModel
+
+        return PairedModel(load_language_model(name, device, dtype), load_language_model(diff_model, device, dtype))
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "train_summary.json").is_file():

@@ -143,7 +143,7 @@ def load_model_and_hook(
     if lm is None:
         if not name:
             raise ConfigError("the SAE's cfg.json names no model; pass --model_name")
-        lm = load_language_model(name, device)
+        lm = load_language_model(name, device, diff_model="" if cfg.model_name else meta.get("diff_model", ""))
     if not hook:
         raise ConfigError("the SAE's cfg.json names no hook; pass --hook_name")
     out = None if cfg.hook_name else meta.get("hook_name_out")

@@ -34,6 +34,7 @@ from sparse_coding.eval.heads import head_shares
 from sparse_coding.files import read_json, write_json
 from sparse_coding.locks import run_folder_lock
 from sparse_coding.models.language_model import JOIN, LanguageModel, load_language_model
+from sparse_coding.models.paired import PairedModel
 from sparse_coding.models.unembed import logit_effects, why_no_logits
 from sparse_coding.saes import SAE
 from sparse_coding.saes.saelens import load_sae
@@ -152,7 +153,7 @@ def run_interpret(cfg: InterpretRunConfig) -> dict[str, Any]:
     meta = sae_cfg.get("metadata", {})
     if not meta.get("model_name") or not (meta.get("activations_dir") or meta.get("dataset_path")):
         raise UserError(f"{sae_dir}'s cfg.json names no model, or no activations or text; was it trained by run.py?")
-    lm = load_language_model(meta["model_name"], torch.device("cpu"))
+    lm = load_language_model(meta["model_name"], torch.device("cpu"), diff_model=meta.get("diff_model", ""))
     if meta.get("activations_dir"):
         tokens, dense = load_rows(ActivationDataset.open(meta["activations_dir"]), cfg.max_rows)
     else:  # trained on streamed activations: the text's first rows, the held-out part of such a run
@@ -183,13 +184,17 @@ def direct_logits(lm: LanguageModel, sae: SAE, meta: dict[str, Any]) -> tuple[Ef
     """The logit lens of the SAE's decoder directions (models/unembed.py), and why there is none where there is
     none. A cross-layer transcoder's feature writes the sum of its decoders into the residual stream (every MLP
     output joins it): that sum is what reaches the logits directly. A crosscoder's is its last layer's block (what
-    it writes at the last hook it reconstructs)."""
+    it writes at the last hook it reconstructs); a model-diffing crosscoder's, its first model's half through that
+    model's unembedding."""
+    block = -1
+    if isinstance(lm, PairedModel):
+        lm, meta, block = lm.pair["a"], {"hook_name": meta["hook_name"].split(JOIN)[0].removeprefix("a.")}, 0
     if not sae.cross_layer:
         hook, width = meta.get("hook_name") or "", sae.d_in
     elif sae.layer_transcoder:
         hook, width = (meta.get("hook_name_out") or "").split(JOIN)[0], sae.d_out // sae.n_layers
     else:
-        hook, width = (meta.get("hook_name") or "").split(JOIN)[-1], sae.d_in // sae.n_layers
+        hook, width = (meta.get("hook_name") or "").split(JOIN)[block], sae.d_in // sae.n_layers
     if not hook:
         return None, "the SAE's cfg.json names no hook"
     effects, note = logit_effects(lm, hook, width), why_no_logits(lm, hook, width)
@@ -199,7 +204,7 @@ def direct_logits(lm: LanguageModel, sae: SAE, meta: dict[str, Any]) -> tuple[Ef
 
     def through(directions: torch.Tensor) -> torch.Tensor:
         blocks = directions.reshape(directions.shape[0], sae.n_layers, width)
-        return per_layer(blocks.sum(1) if sae.layer_transcoder else blocks[:, -1])
+        return per_layer(blocks.sum(1) if sae.layer_transcoder else blocks[:, block])
 
     return through, note
 

@@ -87,6 +87,8 @@ class RunConfig(SweepConfig, CacheConfig):
     def check(self) -> None:
         super().check()
         self.sae_cls  # noqa: B018  (one architecture per run: raises otherwise)
+        if self.diff_model and not self.cross_layer():
+            raise ConfigError("--diff_model trains a crosscoder on both models' activations: add --arch crosscoder")
         if self.cross_layer():
             self.check_cross_layer()
         if self.activations == "stream":
@@ -106,11 +108,21 @@ class RunConfig(SweepConfig, CacheConfig):
 
     @property
     def n_layers(self) -> int:
-        """The layers a cross-layer dictionary spans (0 before the model has said how many, without --layers)."""
+        """The blocks a cross-layer dictionary spans: its layers (0 before the model has said how many, without
+        --layers), or under --diff_model the two models."""
+        if self.diff_model:
+            return 2
         return len(self.layers) if self.layers else 0
 
     def check_cross_layer(self) -> None:
         """Raises ConfigError for what a cross-layer dictionary cannot read."""
+        if self.diff_model:
+            if self.layer_transcoder() or self.layers or self.hook_names or self.transcode:
+                raise ConfigError(
+                    "--diff_model trains a crosscoder (--arch crosscoder) on one hook of both models: --layer and "
+                    "--layer_loc, or --hook_name; not --layers, --hook_names or --transcode"
+                )
+            return
         what = (
             "always transcodes each layer's MLP (its input to its output)"
             if self.layer_transcoder()
@@ -294,7 +306,7 @@ def check_sweep(run: Run, name: str, d: int, d_out: int | None = None) -> None:
 def load_model(run: Run) -> LanguageModel:
     """Gives the language model, checked against the context length asked for."""
     cfg = run.cfg
-    lm = load_language_model(cfg.model_name, run.device, MODEL_DTYPES[cfg.model_dtype])
+    lm = load_language_model(cfg.model_name, run.device, MODEL_DTYPES[cfg.model_dtype], cfg.diff_model)
     context = lm.context_length()
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"max_length {cfg.max_length} is longer than {lm.name}'s context of {context} tokens")

@@ -22,13 +22,15 @@ from sparse_coding.activations.streaming import StreamedActivations
 from sparse_coding.errors import ConfigError
 from sparse_coding.eval.core import core_metrics, weight_metrics
 from sparse_coding.eval.heads import head_shares, head_summary
+from sparse_coding.eval.model_diff import diff_summary, plot_relative_norms, relative_norms
 from sparse_coding.eval.plots import density_histograms
 from sparse_coding.eval.reconstruction import ce_and_kl, evaluate, layer_fields
 from sparse_coding.eval.report import plot_grid, save_saes, sweep_rows
 from sparse_coding.files import load_tensors, read_json, save_tensors, write_json
 from sparse_coding.models.language_model import LanguageModel
+from sparse_coding.models.paired import SIDES, PairedModel
 from sparse_coding.saes import SAE
-from sparse_coding.saes.saelens import HEADS_FILE, load_sae
+from sparse_coding.saes.saelens import DIFF_FILE, HEADS_FILE, load_sae
 from sparse_coding.saes.sources import resolve_sae_source
 from sparse_coding.training.checkpoint import check_resumable, check_world, checkpoint_dir, config_fingerprint
 from sparse_coding.training.distributed import (
@@ -258,16 +260,25 @@ def evaluate_and_save(
         for s in stacks
     ]
 
+    paired = isinstance(lm, PairedModel)
+    diffs = [[relative_norms(s.decoder()[m]) for m in range(s.n_models)] if paired else [] for s in stacks]
+
     def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
         core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, (ce_tokens, positions))
         ce = {key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}
         heads = {"n_heads": target.heads, **head_summary(shares[i][m])} if target.heads else {}
-        return {**ce, **by_layer(i, m), **heads, "core": core}
+        diff = diff_summary(*diffs[i][m]) if paired else {}
+        if paired and t is not None:  # each model's own CE and KL (the fields above: their means)
+            diff |= {f"{key}_by_model": [float(t[f"{name}_{s}"][m]) for s in SIDES] for key, name in CE_FIELDS.items()}
+        layers = by_layer(i, m)
+        if paired:  # the crosscoder's blocks are the two models, not layers
+            layers = {"fvu_by_model": layers["fvu_by_layer"]}
+        return {**ce, **layers, **heads, **diff, "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)
     meta = {
-        "model_name": lm.name if lm is not None else data.manifest.get("model"),
+        **(lm.names() if lm is not None else {"model_name": data.manifest.get("model")}),
         "hook_name": target.hook or None,
         **({"hook_name_out": target.target_hook} if target.target_hook else {}),
         **({"layers": list(target.layers)} if target.layers else {}),
@@ -284,6 +295,12 @@ def evaluate_and_save(
     for s, per_model in zip(stacks, shares, strict=True):  # attn_z: each latent's share per head, beside its weights
         for m, share in enumerate(per_model):
             save_tensors(run.out_dir / "saes" / s.name(m) / HEADS_FILE, {"head_share": share})
+    for s, per_model in zip(stacks, diffs, strict=True):  # model diffing: relative norms, and their histogram
+        for m, (r, cos) in enumerate(per_model):
+            save_tensors(run.out_dir / "saes" / s.name(m) / DIFF_FILE, {"relative_norm": r, "decoder_cosine": cos})
+            (run.out_dir / "model_diff").mkdir(exist_ok=True)
+            names = (Path(cfg.model_name).name, Path(cfg.diff_model).name)
+            plot_relative_norms(r, names, s.name(m), run.out_dir / "model_diff" / f"{s.name(m)}.png")
     return rows
 
 

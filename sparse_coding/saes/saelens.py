@@ -17,6 +17,8 @@ from sparse_coding.saes.base import WEIGHTS_FILE
 
 CFG_FILE, SPARSITY_FILE = "cfg.json", "sparsity.safetensors"
 HEADS_FILE = "head_attribution.safetensors"  # attn_z dictionaries: each latent's share per head (eval/heads.py)
+DIFF_FILE = "model_diff.safetensors"  # model-diffing crosscoders: relative decoder norms (eval/model_diff.py)
+NOT_WEIGHTS = (SPARSITY_FILE, HEADS_FILE, DIFF_FILE)  # what an SAE folder holds beside its weights
 SAELENS_LAYOUT = "6.0.0"
 
 
@@ -66,7 +68,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SA
     """Reads a SAELens folder written by `save_sae` (or a compatible one) as a one-model stack; gives it and
     its cfg.json."""
     folder = Path(folder)
-    weight_files = sorted(p for p in folder.glob("*.safetensors") if p.name not in (SPARSITY_FILE, HEADS_FILE))
+    weight_files = sorted(p for p in folder.glob("*.safetensors") if p.name not in NOT_WEIGHTS)
     if not (folder / CFG_FILE).is_file() or not weight_files:
         raise SAEFolderError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     cfg = read_json(folder / CFG_FILE)

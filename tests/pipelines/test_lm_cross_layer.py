@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_fixtures import smoke_run_args
+from lm_fixtures import make_hf_gpt2, smoke_run_args
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
@@ -242,3 +242,67 @@ def test_attention_heads_outputs_and_each_latents_share_per_head(clt_run, tmp_pa
                     "--out", str(tmp_path / "i")])  # fmt: skip
     feature = json.loads(next((tmp_path / "i" / "features").glob("sae_*.json")).read_text())
     assert len(feature["head_shares"]) == 4 and sum(feature["head_shares"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_model_diffing_one_crosscoder_over_two_models(clt_run, tmp_path):
+    """--diff_model: one crosscoder over both models' residual at layer 1; rows count A-only / B-only / shared
+    latents and give each model's CE (checked against a hand splice into model B: both models' clean activations
+    encoded, B's half of the reconstruction in place of B's residual); histograms written; evaluate.py and
+    interpret.py load the pair back."""
+    root, args = clt_run
+    other = make_hf_gpt2(tmp_path / "gpt2_other", seed=1)  # same tokenizer, other weights
+    i = args.index("--activations_dir")
+    run.main([*args[:i], "--activations_dir", str(tmp_path / "acts"), "--out", str(tmp_path / "r"), "--arch",
+              "crosscoder", "--diff_model", str(other), "--layer_loc", "residual", "--n_steps", "30",
+              "--l1_exp_low", "-2", "--l1_exp_high", "-1"])  # fmt: skip
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["hook_name"] == "a.h.1+b.h.1"
+    for row in results["runs"]:
+        kinds = ("latents_a_only", "latents_b_only", "latents_shared", "latents_between")
+        assert sum(row[k] for k in kinds) == row["dict_size"] and len(row["fvu_by_model"]) == 2
+        by_model = row["ce_loss_recovered_by_model"]
+        assert row["ce_loss_recovered"] == pytest.approx(sum(by_model) / 2, rel=1e-5)
+        assert (tmp_path / "r" / "model_diff" / f"{row['name']}.png").stat().st_size > 1000
+    row = results["runs"][0]
+    sae_dir = tmp_path / "r" / "saes" / row["name"]
+    sae, cfg = load_sae(sae_dir)
+    assert cfg["metadata"]["diff_model"] == str(other)
+
+    with torch.no_grad():
+        ce_b, ours = _hand_spliced_model_b(root / "gpt2", other, sae_dir, sae, cfg)
+    assert float(ours["ce_sae_b"][0]) == pytest.approx(ce_b, rel=1e-5)
+
+    evaluate.main(["--sae_dir", str(sae_dir), "--out", str(tmp_path / "e"), "--ce_eval_rows", "8"])
+    scored = json.loads((tmp_path / "e" / "eval.json").read_text())["saes"][row["name"]]["metrics"]
+    assert scored["model_performance_preservation"]["ce_loss_score"] == pytest.approx(
+        row["ce_loss_recovered"], rel=1e-5
+    )
+    interpret.main(["--run_dir", str(tmp_path / "r"), "--n_features", "2", "--max_rows", "32", "--baselines",
+                    "random", "--out", str(tmp_path / "i")])  # fmt: skip
+    assert len(json.loads(next((tmp_path / "i" / "features").glob("sae_*.json")).read_text())["top_logits"]) == 10
+
+
+def _hand_spliced_model_b(first: Path, other: Path, sae_dir: Path, sae, cfg) -> tuple[float, dict]:
+    """Model B's CE with its block-1 residual replaced by B's half of the crosscoder's reconstruction of both
+    models' clean activations (by hand, from the saved weights), and ce_and_kl's fields on the same tokens."""
+    tokens = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    lm = load_language_model(str(first), torch.device("cpu"), diff_model=str(other))
+    ours = ce_and_kl(lm, "a.h.1+b.h.1", sae, tokens)
+    a, b = (GPT2LMHeadModel.from_pretrained(p).eval() for p in (first, other))
+    clean = []
+    for m in (a, b):  # block 1's output (HF's last hidden_states entry is after the final norm)
+        handle = m.transformer.h[1].register_forward_hook(lambda _m, _a, out: clean.append(_hidden(out)))
+        m(tokens)
+        handle.remove()
+    w = load_file(sae_dir / "sae_weights.safetensors")
+    x = torch.cat(clean, dim=-1)
+    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    recon_b = (torch.relu(x_in @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"])[..., 32:]
+
+    def swap(_m, _a, out):
+        return (recon_b, *out[1:]) if isinstance(out, tuple) else recon_b
+
+    handle = b.transformer.h[1].register_forward_hook(swap)
+    logits = b(tokens).logits
+    handle.remove()
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())), ours
