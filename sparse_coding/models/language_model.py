@@ -99,8 +99,12 @@ class LanguageModel:
 
     def n_heads(self) -> int | None:
         """Gives the attention heads per layer, from the model's config (None where it does not say)."""
+        return self._config_int("n_head", "num_attention_heads", "n_heads", "num_heads")
+
+    def _config_int(self, *keys: str) -> int | None:
+        """The first of keys the model's config (HF's `config`, TransformerLens' `cfg`) sets to an int."""
         for cfg in (getattr(self.model, "config", None), getattr(self.model, "cfg", None)):
-            for key in ("n_head", "num_attention_heads", "n_heads", "num_heads"):
+            for key in keys:
                 value = getattr(cfg, key, None)
                 if isinstance(value, int):
                     return value
@@ -154,12 +158,7 @@ class LanguageModel:
 
     def context_length(self) -> int | None:
         """Gives the longest input the model takes (None when its config does not say)."""
-        for cfg in (getattr(self.model, "config", None), getattr(self.model, "cfg", None)):
-            for key in ("n_positions", "max_position_embeddings", "n_ctx", "block_size"):
-                value = getattr(cfg, key, None)
-                if isinstance(value, int):
-                    return value
-        return None
+        return self._config_int("n_positions", "max_position_embeddings", "n_ctx", "block_size")
 
     # --- forward passes -----------------------------------------------------------------------------------
     def _forward(self, tokens: Tensor) -> Any:
@@ -260,12 +259,7 @@ class LanguageModel:
             if source is not None and source != hook:
                 handles.append(self._attach(Hook.parse(source), remember, tokens.shape))
             handles.append(self._attach(Hook.parse(hook), swap, tokens.shape))
-        try:
-            out = self._forward(tokens.to(self.device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return out.logits if hasattr(out, "logits") else out
+        return self._logits_with(tokens, handles)
 
     @torch.no_grad()
     def logits_layered(
@@ -295,6 +289,10 @@ class LanguageModel:
 
         handles = [self._attach(Hook.parse(h), remember(j), tokens.shape) for j, h in enumerate(sources)]
         handles += [self._attach(Hook.parse(h), swap(j), tokens.shape) for j, h in enumerate(targets)]
+        return self._logits_with(tokens, handles)
+
+    def _logits_with(self, tokens: Tensor, handles: list[RemovableHandle]) -> Tensor:
+        """The logits of a forward pass with the hooks attached (removed after it, whatever happens)."""
         try:
             out = self._forward(tokens.to(self.device))
         finally:

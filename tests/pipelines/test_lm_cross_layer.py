@@ -97,16 +97,20 @@ def test_ce_recovered_replaces_every_layer_as_a_hand_spliced_model_does(clt_run)
     assert float(ours["ce_clean"][0]) == pytest.approx(clean, rel=1e-5)
 
 
-def test_evaluate_py_scores_a_clt_as_run_py_did(clt_run, tmp_path):
-    root, _ = clt_run
-    row = _runs(root / "run")[0]
-    ce_rows = json.loads((root / "run" / "config.json").read_text())["ce_eval_rows"]
-    evaluate.main(["--sae_dir", str(root / "run" / "saes" / row["name"]), "--out", str(tmp_path / "e"),
-                   "--ce_eval_rows", str(ce_rows)])  # fmt: skip
-    ours = json.loads((tmp_path / "e" / "eval.json").read_text())["saes"][row["name"]]["metrics"]
+def _assert_evaluate_py_agrees(run_dir: Path, row: dict, out: Path) -> None:
+    """evaluate.py on the row's SAE, on the held-out rows run.py scored, gives run.py's core metrics."""
+    ce_rows = json.loads((run_dir / "config.json").read_text())["ce_eval_rows"]
+    evaluate.main(["--sae_dir", str(run_dir / "saes" / row["name"]), "--out", str(out), "--ce_eval_rows",
+                   str(ce_rows)])  # fmt: skip
+    ours = json.loads((out / "eval.json").read_text())["saes"][row["name"]]["metrics"]
     for cat, values in row["core"].items():
         for key, v in values.items():
             assert ours[cat][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (cat, key)
+
+
+def test_evaluate_py_scores_a_clt_as_run_py_did(clt_run, tmp_path):
+    root, _ = clt_run
+    _assert_evaluate_py_agrees(root / "run", _runs(root / "run")[0], tmp_path / "e")
 
 
 def test_interpret_gives_a_clt_latent_the_logits_of_its_summed_decoders(clt_run, tmp_path):
@@ -168,14 +172,7 @@ def test_a_crosscoder_reads_every_layer_at_once(crosscoder_run, tmp_path):
     assert results["hook_name"] == "h.0+h.1" and results["target_hook"] is None and results["layers"] == [0, 1]
     for row in results["runs"]:
         assert len(row["fvu_by_layer"]) == 2 and "l0_by_layer" not in row  # shared latents: no layer of their own
-    row = results["runs"][0]
-    ce_rows = json.loads((root / "cc" / "config.json").read_text())["ce_eval_rows"]
-    evaluate.main(["--sae_dir", str(root / "cc" / "saes" / row["name"]), "--out", str(tmp_path / "e"),
-                   "--ce_eval_rows", str(ce_rows)])  # fmt: skip
-    ours = json.loads((tmp_path / "e" / "eval.json").read_text())["saes"][row["name"]]["metrics"]
-    for cat, values in row["core"].items():
-        for key, v in values.items():
-            assert ours[cat][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (cat, key)
+    _assert_evaluate_py_agrees(root / "cc", results["runs"][0], tmp_path / "e")
     interpret.main(["--run_dir", str(root / "cc"), "--n_features", "2", "--max_rows", "32", "--baselines", "random",
                     "--out", str(tmp_path / "i")])  # fmt: skip
     feature = json.loads(next((tmp_path / "i" / "features").glob("sae_*.json")).read_text())

@@ -85,7 +85,7 @@ def test_training_forward_and_gradients_match_the_definition(arch, hparams):
     for m in range(clt.n_models):
         loss, w, _ = _reference(clt, m, x, target)
         loss.backward()
-        assert float(out.loss[m].detach()) == pytest.approx(float(loss), rel=1e-5)
+        assert float(out.loss[m].detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
         grads = {"W_enc": clt.W_enc.grad[m], "b_enc": clt.b_enc.grad[m], "b_dec": clt.b_dec.grad[m]}
         grads |= {f"W_dec_{i}": W.grad[m] for i, W in enumerate(clt.decoders())}
         if arch == "clt_jumprelu":
