@@ -173,7 +173,7 @@ def test_auxk_asks_each_layers_dead_latents_to_reconstruct_the_error():
         var = (target - target.mean(0)).pow(2).view(64, L, E).sum(dim=(0, 2))
         auxk = ((e_hat + err).pow(2).sum(dim=(0, 2)) / var).sum()
         scale = min(int(dead.sum()) / (L * k_aux), 1.0)
-    assert float(loss) == pytest.approx(float(plain) + 0.5 * scale * float(auxk), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(plain.detach()) + 0.5 * scale * float(auxk.detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["clt", "clt_batchtopk", "clt_jumprelu"])
