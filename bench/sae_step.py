@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sparse_coding.saes import SAES, build_sae  # noqa: E402
+from sparse_coding.saes import SAES, build_sae, single_hook_archs  # noqa: E402
 from sparse_coding.saes.precision import TRAIN_DTYPES, Precision  # noqa: E402
 from sparse_coding.training.trainer import Trainer  # noqa: E402
 from utils import tune_allocator  # noqa: E402
@@ -124,7 +124,7 @@ def step_seconds(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=sorted(SAES), default="relu")
+    p.add_argument("--arch", choices=sorted(single_hook_archs()), default="relu")
     p.add_argument("--d_in", type=int, default=512)
     p.add_argument("--d_sae", type=int, default=8192)
     for name in sorted({cls.knob for cls in SAES.values()}):

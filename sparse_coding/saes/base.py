@@ -96,6 +96,9 @@ class SAE(nn.Module, ABC):
     n_layers: int = 1  # the layers a cross-layer stack spans; its outputs (and codes) are that many blocks
     can_resample: ClassVar[bool] = False  # re-initialises dead latents when the trainer asks (`resample`)
     default_resample_every: ClassVar[int] = 0  # steps between resamplings where the config leaves it (0: never)
+    # Whether `select` takes the native bf16 product of a CPU matmul with an fp32 bias (the top-k kernel widens as
+    # it reads; the values are those of the widened product): SparseEncode then skips the widening pass.
+    selects_bf16: ClassVar[bool] = False
     # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
     # family's sparse decoder stays fp32, so its evaluation does too.
     lowers_decoder: ClassVar[bool] = True

@@ -124,6 +124,16 @@ class Precision:
             return out.copy_(prod)
         return prod
 
+    def cpu_bf16_product(self, a: Tensor, b: Tensor, out: Tensor) -> Tensor | None:
+        """a @ b (batched) as a native CPU bf16 matmul gives it, bf16, into `out` (a bf16 buffer of the caller's),
+        skipping the widening pass baddbmm makes: for a consumer that reads the product once and widens as it
+        reads (the top-k kernel with an fp32 bias; the values are the same as from the widened product). None
+        where this precision is not native bf16 on a CPU (the caller takes baddbmm's fp32 result)."""
+        tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        if self.name != "bf16" or a.device.type != "cpu" or tracked or not self.is_native(a.device):
+            return None
+        return torch.bmm(self.cast(a, FLOAT, True)[0], self.cast(b, FLOAT, True)[0], out=out)
+
 
 FP32 = Precision()
 

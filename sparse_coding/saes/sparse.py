@@ -76,12 +76,12 @@ def top_dead(pre: Tensor, dead: Tensor, k_aux: int, bias: Tensor | None) -> tupl
     M, B, F_ = pre.shape
     n_dead = dead.sum(-1)
     D = min(max(int(n_dead.max()), k_aux), F_)  # a shard may hold fewer dead latents than the whole asks for
-    vals = pre.new_zeros(M, B, k_aux)
+    vals = pre.new_zeros(M, B, k_aux, dtype=torch.promote_types(pre.dtype, torch.float32))
     idx = torch.zeros(M, B, k_aux, dtype=torch.long, device=pre.device)
     if int(n_dead.max()) == 0:
         return vals, idx
     cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :D]  # dead latents first, in order
-    sub = pre.gather(-1, cols[:, None, :].expand(M, B, D))
+    sub = pre.gather(-1, cols[:, None, :].expand(M, B, D)).float()  # (a bf16 product's columns, widened)
     if bias is not None:
         sub += bias.gather(-1, cols)[:, None, :]
     sub.masked_fill_((torch.arange(D, device=pre.device) >= n_dead[:, None])[:, None, :], float("-inf"))
@@ -109,6 +109,10 @@ class SparseEncode(torch.autograd.Function):
         xs = x if x.dim() == 3 else x.unsqueeze(0)
         xc = xs - b_center[:, None, :] if sae.centers_input else xs.expand(M, -1, -1)
         bias = None
+        if pre is None and sae.selects_bf16 and fuses_bias(xc):  # native bf16 on a CPU: the product as it comes
+            buffer = cache.get("pre_bf16", (M, B, F_), b_enc, torch.bfloat16)
+            pre = sae.precision.cpu_bf16_product(xc, W_enc.mT, buffer)
+            bias = None if pre is None else b_enc
         if pre is None:
             pre = cache.get("pre", (M, B, F_), b_enc)  # fp32 whatever x's dtype (a bf16 store's, say)
             # Where the selection adds b_enc on the fly (CPU), pre skips it: one pass less over [M, B, d_sae].

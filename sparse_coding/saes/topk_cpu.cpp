@@ -48,11 +48,18 @@ inline void sift_down(acc_t* v, int64_t* i, int64_t k, int64_t pos) {
   }
 }
 
-// Element j of row + bias as the input dtype holds it (rounded to scalar_t, as torch's x + bias would be), then
-// widened: ranks and ties are those of the rounded sums, so half and bfloat16 tie-break like torch.topk(x + bias).
-template <typename scalar_t, typename acc_t>
-inline acc_t at_j(const scalar_t* row, const scalar_t* bias, int64_t j) {
-  return static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j])));
+// Element j of row + bias as torch's x + bias would hold it, widened: rounded to scalar_t where the bias has the
+// row's dtype (ranks and ties are those of the rounded sums, so half and bfloat16 tie-break like torch.topk(x +
+// bias)); the float sum where the bias is float and the row narrower (bf16 pre-activations of a native bf16 matmul
+// with a float32 bias: torch promotes that sum to float32, and so does this).
+template <typename scalar_t, typename bias_t, typename acc_t>
+inline acc_t at_j(const scalar_t* row, const bias_t* bias, int64_t j) {
+  const acc_t sum = static_cast<acc_t>(row[j]) + static_cast<acc_t>(bias[j]);
+  if constexpr (std::is_same_v<scalar_t, bias_t>) {
+    return static_cast<acc_t>(static_cast<scalar_t>(sum));
+  } else {
+    return sum;
+  }
 }
 
 // Order-preserving map of a (non-NaN) float or double to an unsigned integer of the same width.
@@ -97,31 +104,32 @@ struct Scratch {
   std::vector<std::pair<acc_t, int64_t>> cand;
 };
 
-template <typename scalar_t, typename acc_t>
-void write_sorted(std::vector<std::pair<acc_t, int64_t>>& kept, int64_t k, scalar_t* out_v, int64_t* out_i) {
+template <typename out_t, typename acc_t>
+void write_sorted(std::vector<std::pair<acc_t, int64_t>>& kept, int64_t k, out_t* out_v, int64_t* out_i) {
   std::partial_sort(kept.begin(), kept.begin() + k, kept.end(), [](const auto& a, const auto& b) {
     return ranks_above(a.first, a.second, b.first, b.second);
   });
   for (int64_t j = 0; j < k; ++j) {
-    out_v[j] = static_cast<scalar_t>(kept[j].first);
+    out_v[j] = static_cast<out_t>(kept[j].first);
     out_i[j] = kept[j].second;
   }
 }
 
 // The general path (any k, NaN-aware): a min-heap of the k best so far, touched only when an element beats
 // its smallest.
-template <typename scalar_t, typename acc_t>
-void heap_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, Scratch<acc_t>& s, scalar_t* out_v, int64_t* out_i) {
+template <typename scalar_t, typename bias_t, typename out_t, typename acc_t>
+void heap_topk(const scalar_t* row, const bias_t* bias, int64_t n, int64_t k, Scratch<acc_t>& s, out_t* out_v,
+               int64_t* out_i) {
   acc_t* hv = s.heap_v.data();
   int64_t* hi = s.heap_i.data();
   for (int64_t j = 0; j < k; ++j) {
-    hv[j] = at_j<scalar_t, acc_t>(row, bias, j);
+    hv[j] = at_j<scalar_t, bias_t, acc_t>(row, bias, j);
     hi[j] = j;
   }
   for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(hv, hi, k, p);
   acc_t floor_v = hv[0];
   for (int64_t j = k; j < n; ++j) {
-    const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
+    const acc_t v = at_j<scalar_t, bias_t, acc_t>(row, bias, j);
     // Later indices lose ties, so only a strictly larger value (or a NaN over a number) gets in.
     if (v > floor_v || (std::isnan(v) && !std::isnan(floor_v))) {
       hv[0] = v;
@@ -139,15 +147,15 @@ void heap_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, 
 // column g. Any partition serves the bound; columns make pass 1 a running maximum over contiguous G-wide slices,
 // plain SIMD with no reduction across lanes (blocks of consecutive elements spent most of pass 1 reducing lanes,
 // ~40 µs a row of 8192 on AVX2). Gives false if the row holds a NaN, which block_topk leaves to heap_topk.
-template <typename scalar_t, typename acc_t>
-bool block_maxima(const scalar_t* __restrict row, const scalar_t* __restrict bias, int64_t n, int64_t G,
+template <typename scalar_t, typename bias_t, typename acc_t>
+bool block_maxima(const scalar_t* __restrict row, const bias_t* __restrict bias, int64_t n, int64_t G,
                   acc_t* __restrict out) {
   int nan = 0;
   for (int64_t g = 0; g < G; ++g) out[g] = -std::numeric_limits<acc_t>::infinity();
   for (int64_t lo = 0; lo < n; lo += G) {
     const int64_t len = std::min(G, n - lo);
     for (int64_t g = 0; g < len; ++g) {
-      const acc_t v = at_j<scalar_t, acc_t>(row + lo, bias + lo, g);
+      const acc_t v = at_j<scalar_t, bias_t, acc_t>(row + lo, bias + lo, g);
       out[g] = v > out[g] ? v : out[g];  // NaN keeps out[g]; the flag below catches it
       nan |= v != v;
     }
@@ -162,12 +170,12 @@ bool block_maxima(const scalar_t* __restrict row, const scalar_t* __restrict bia
 // so the order they are found in does not matter. When t is -inf (an AuxK row masked to its few dead latents)
 // the finite elements are kept and the rest of the k are the first -inf entries, as in heap_topk. Gives false,
 // leaving the row to heap_topk, for rows with NaN.
-template <typename scalar_t, typename acc_t>
-bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k, int64_t G, Scratch<acc_t>& s,
-                scalar_t* out_v, int64_t* out_i) {
+template <typename scalar_t, typename bias_t, typename out_t, typename acc_t>
+bool block_topk(const scalar_t* row, const bias_t* bias, int64_t n, int64_t k, int64_t G, Scratch<acc_t>& s,
+                out_t* out_v, int64_t* out_i) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t* bmax = s.block_max.data();
-  if (!block_maxima<scalar_t, acc_t>(row, bias, n, G, bmax)) return false;
+  if (!block_maxima<scalar_t, bias_t, acc_t>(row, bias, n, G, bmax)) return false;
   const acc_t t = kth_largest(bmax, G, k);
   acc_t* cv = s.cand_v.data();
   int64_t* ci = s.cand_i.data();
@@ -175,14 +183,14 @@ bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k,
   for (int64_t g = 0; g < G; ++g) {
     if (bmax[g] < t || bmax[g] == neg_inf) continue;
     for (int64_t j = g; j < n; j += G) {
-      const acc_t v = at_j<scalar_t, acc_t>(row, bias, j);
+      const acc_t v = at_j<scalar_t, bias_t, acc_t>(row, bias, j);
       cv[c] = v;
       ci[c] = j;
       c += v >= t && v > neg_inf;
     }
   }
   for (int64_t j = 0; j < n && c < k; ++j) {  // only when t is -inf: fewer than k finite elements
-    if (at_j<scalar_t, acc_t>(row, bias, j) == neg_inf) {
+    if (at_j<scalar_t, bias_t, acc_t>(row, bias, j) == neg_inf) {
       cv[c] = neg_inf;
       ci[c++] = j;
     }
@@ -193,9 +201,38 @@ bool block_topk(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t k,
   return true;
 }
 
+// The top-k of every row of src (+ its slice's row of bias), written to val/idx [rows, k].
+template <typename scalar_t, typename bias_t, typename out_t>
+void topk_rows(const scalar_t* src, const bias_t* bias_p, int64_t rows, int64_t rows_per_bias, int64_t n, int64_t k,
+               out_t* val, int64_t* idx) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  // Blocks of 8..64 elements, at least 4k of them where the row allows; too few blocks: heap only.
+  int64_t b = 64;
+  while (b > 8 && n / b < 4 * k) b /= 2;
+  const int64_t G = (n + b - 1) / b;  // blocks
+  const bool blocks = n / b >= 2 * k && G <= 1024;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s;
+    s.heap_v.resize(k);
+    s.heap_i.resize(k);
+    s.block_max.resize(G);
+    s.cand_v.resize(n + 1);
+    s.cand_i.resize(n + 1);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = src + r * n;
+      const bias_t* br = bias_p + (r / rows_per_bias) * n;
+      if (!(blocks && block_topk<scalar_t, bias_t, out_t, acc_t>(row, br, n, k, G, s, val + r * k, idx + r * k))) {
+        heap_topk<scalar_t, bias_t, out_t, acc_t>(row, br, n, k, s, val + r * k, idx + r * k);
+      }
+    }
+  });
+}
+
 // Top-k of input + bias, where bias (optional) is [n] for every row or [input.size(0), n], one row of bias per
 // slice of the first dimension (a stack of SAEs' encoder biases). Adding it here, as each element is read,
-// saves the caller a pass over the whole input.
+// saves the caller a pass over the whole input. The bias has the input's dtype, or is float32 on a bfloat16 input
+// (the product of a native bf16 matmul and an fp32 encoder bias): the values then come out in float32, exactly
+// the elements of input.float() + bias, and the input is read at half the width of a widened copy.
 std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_t k,
                                                  const std::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(input.device().is_cpu(), "topk_last_dim: CPU tensors only");
@@ -204,54 +241,37 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
   TORCH_CHECK(k >= 1 && k <= n, "topk_last_dim: k must be in 1..", n, ", got ", k);
   const at::Tensor x = input.contiguous();
   const int64_t rows = x.numel() / n;
-  if (rows == 0) {
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = k;
-    return {at::empty(shape, x.options()), at::empty(shape, x.options().dtype(at::kLong))};
-  }
   at::Tensor bias;
   int64_t rows_per_bias = rows;
   if (bias_in.has_value()) {
     bias = bias_in->contiguous();
-    TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "topk_last_dim: bias must have the input's dtype");
+    const bool widening = x.scalar_type() == at::kBFloat16 && bias.scalar_type() == at::kFloat;
+    TORCH_CHECK(bias.scalar_type() == x.scalar_type() || widening,
+                "topk_last_dim: bias must have the input's dtype (or be float32 on a bfloat16 input)");
     const bool per_slice =
         bias.dim() == 2 && input.dim() >= 2 && bias.size(0) == input.size(0) && bias.size(1) == n;
     TORCH_CHECK(per_slice || (bias.dim() == 1 && bias.size(0) == n), "topk_last_dim: bias must be [", n,
                 "] or [input.size(0), ", n, "]");
-    if (per_slice) rows_per_bias = rows / input.size(0);
+    if (per_slice && rows > 0) rows_per_bias = rows / input.size(0);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = k;
-  at::Tensor values = at::empty(shape, x.options());
+  const auto out_dtype = bias.defined() ? bias.scalar_type() : x.scalar_type();
+  at::Tensor values = at::empty(shape, x.options().dtype(out_dtype));
   at::Tensor indices = at::empty(shape, x.options().dtype(at::kLong));
+  if (rows == 0) return {values, indices};
   int64_t* idx = indices.data_ptr<int64_t>();
+  if (bias.defined() && bias.scalar_type() != x.scalar_type()) {  // bf16 rows, float32 bias and values
+    topk_rows<at::BFloat16, float, float>(x.const_data_ptr<at::BFloat16>(), bias.const_data_ptr<float>(), rows,
+                                          rows_per_bias, n, k, values.data_ptr<float>(), idx);
+    return {values, indices};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_last_dim", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
     // No bias: a row of zeros, so one code path serves both (adding 0 changes no value's rank).
     const at::Tensor zeros = bias.defined() ? at::Tensor() : at::zeros({n}, x.options());
     const scalar_t* bias_p = (bias.defined() ? bias : zeros).const_data_ptr<scalar_t>();
-    scalar_t* val = values.data_ptr<scalar_t>();
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    // Blocks of 8..64 elements, at least 4k of them where the row allows; too few blocks: heap only.
-    int64_t b = 64;
-    while (b > 8 && n / b < 4 * k) b /= 2;
-    const int64_t G = (n + b - 1) / b;  // blocks
-    const bool blocks = n / b >= 2 * k && G <= 1024;
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> s;
-      s.heap_v.resize(k);
-      s.heap_i.resize(k);
-      s.block_max.resize(G);
-      s.cand_v.resize(n + 1);
-      s.cand_i.resize(n + 1);
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = src + r * n;
-        const scalar_t* br = bias_p + (r / rows_per_bias) * n;
-        if (!(blocks && block_topk<scalar_t, acc_t>(row, br, n, k, G, s, val + r * k, idx + r * k))) {
-          heap_topk<scalar_t, acc_t>(row, br, n, k, s, val + r * k, idx + r * k);
-        }
-      }
-    });
+    topk_rows<scalar_t, scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), bias_p, rows, rows_per_bias, n, k,
+                                            values.data_ptr<scalar_t>(), idx);
   });
   return {values, indices};
 }

@@ -216,3 +216,16 @@ def test_nested_squared_error_kernel_matches_torch(dtype):
     (want_sq * g_sq).sum().backward()
     ops.nested_sq_err_backward(E, g_sq)
     torch.testing.assert_close(E, P.grad)
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_a_bf16_input_with_a_float32_bias_selects_as_its_widened_sum(per_slice):
+    """A native bf16 matmul's product with an fp32 encoder bias: the elements of x.float() + bias, ranked and
+    returned in float32, as torch.topk of that sum gives them (ties to the lower index)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, 512, generator=g).bfloat16()
+    bias = torch.randn(3, 512, generator=g) if per_slice else torch.randn(512, generator=g)
+    vals, idx = topk_last_dim(x, 16, bias)
+    ref = x.float() + (bias[:, None, :] if per_slice else bias)
+    assert vals.dtype == torch.float32
+    assert torch.equal(vals, ref.topk(16).values) and torch.equal(ref.gather(-1, idx), vals)

@@ -42,6 +42,27 @@ def test_native_cpu_matmul_agrees_with_the_emulation():
     assert torch.allclose(native, emulated, rtol=2**-7, atol=1e-2)
 
 
+def test_topk_selects_from_the_native_bf16_product_as_from_its_widened_copy(monkeypatch):
+    """A native CPU bf16 step hands the TopK selection the bf16 product itself (the kernel adds the fp32 bias as it
+    reads) instead of a widened fp32 copy: the same entries, values, loss and gradients, AuxK's dead latents too."""
+    x = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for skip_widening in (True, False):
+        monkeypatch.setattr(SAES["topk"], "selects_bf16", skip_widening)
+        torch.manual_seed(0)
+        sae = build_sae("topk", 32, 128, [{"k": 4}, {"k": 8}], dead_tokens_threshold=1)
+        sae.precision = Precision("bf16", native=True)
+        sae.tokens_since_fired[:, ::3] = 10  # a third of the latents dead: AuxK reads the product too
+        out = sae.train_forward(x)
+        out.loss.sum().backward()
+        assert ("pre_bf16" in sae._cache._buffers) == skip_widening  # the path the case names was taken
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name, g in grads_a.items():
+        assert torch.equal(g, grads_b[name]), name
+
+
 def test_fp16_scales_tiny_gradients_instead_of_flushing_them():
     """A mean-squared-error gradient is ~1e-7 per entry: below fp16's smallest normal number (6e-5)."""
     g, w = torch.randn(1, 64, 32) * 1e-7, torch.randn(1, 32, 16)
