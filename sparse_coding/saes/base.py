@@ -443,7 +443,7 @@ class SAE(nn.Module, ABC):
         copy.load_state_dict(self.state_dict())
         copy.precision = self.precision
         copy.fold_input_scale(scale)
-        return copy.to(self.W_dec.device)
+        return copy.to(self.b_dec.device)
 
     def latent_parameters(self) -> list[nn.Parameter]:
         """The parameters with a row per latent ([M, d_sae, ...]): what re-initialising a latent touches."""

@@ -121,11 +121,13 @@ def test_interpret_gives_a_clt_latent_the_logits_of_its_summed_decoders(clt_run,
     assert len(feature["top_logits"]) == 10 and feature["logits_note"] is None
 
 
-def test_a_streamed_batchtopk_clt(clt_run, tmp_path):
+def test_a_streamed_normalised_batchtopk_clt(clt_run, tmp_path):
+    """Streamed, and trained on scaled activations: the saved CLT has the scale folded into its biases and
+    thresholds (it failed to fold once: a CLT has no single W_dec)."""
     _, args = clt_run
     i = args.index("--activations_dir")
     run.main([*args[:i], *args[i + 2 :], "--out", str(tmp_path / "s"), "--activations", "stream", "--buffer_tokens",
-              "4096", "--arch", "clt_batchtopk", "--n_steps", "20"])  # fmt: skip
+              "4096", "--arch", "clt_batchtopk", "--n_steps", "20", "--normalize_activations"])  # fmt: skip
     for row in _runs(tmp_path / "s"):
         assert row["fvu"] is not None and row["ce_loss_recovered"] is not None and len(row["l0_by_layer"]) == 2
         assert 0 < row["l0"] < 4 * row["k"]  # held out, through the learned thresholds (k per layer on average)
