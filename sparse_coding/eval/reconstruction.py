@@ -218,7 +218,8 @@ def layer_stats(stack: SAE, x_eval: Tensor, batch_size: int) -> dict[str, Tensor
         codes = stack.encode(x)
         err = (stack.decode(codes, x) - target).double()
         sq += err.pow(2).view(M, len(x), L, -1).sum(dim=(1, 3)).cpu()
-        active += (codes != 0).view(M, len(x), L, -1).sum(dim=(1, 3)).double().cpu()
+        if stack.layer_transcoder:  # a CLT's codes are L blocks of its layers' latents
+            active += (codes != 0).view(M, len(x), L, -1).sum(dim=(1, 3)).double().cpu()
         t = target.double().view(len(x), L, -1)
         t_sum = t.sum(0) if t_sum is None else t_sum + t.sum(0)
         t_sq = t.pow(2).sum(0) if t_sq is None else t_sq + t.pow(2).sum(0)

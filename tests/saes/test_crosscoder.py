@@ -81,3 +81,19 @@ def test_refuses_a_width_that_is_not_its_layers():
         build_sae("crosscoder", 18, 8, [{"l1_alpha": 1.0}], n_layers=4)
     with pytest.raises(ConfigError, match="no transcoder form"):
         build_sae("crosscoder", 18, 8, [{"l1_alpha": 1.0}], n_layers=3, d_out=18)
+
+
+def test_fvu_by_layer_is_each_layers_own_and_needs_no_latents_per_layer():
+    """A crosscoder's latents belong to no layer: any d_sae (here 100 over 3 layers) gets each layer's FVU."""
+    from sparse_coding.eval.reconstruction import layer_stats
+
+    cc = build_sae("crosscoder", L * D, 100, [{"l1_alpha": 0.1}], n_layers=L)
+    x = torch.randn(64, L * D, generator=torch.Generator().manual_seed(2)) * torch.tensor(
+        [1.0, 3.0, 0.5]
+    ).repeat_interleave(D)
+    stats = layer_stats(cc, x, batch_size=32)
+    with torch.no_grad():
+        err = (cc.reconstruct(x)[0] - x).view(64, L, D)
+    by_hand = err.pow(2).sum(dim=(0, 2)) / (x - x.mean(0)).view(64, L, D).pow(2).sum(dim=(0, 2))
+    assert set(stats) == {"fvu_by_layer"}
+    torch.testing.assert_close(stats["fvu_by_layer"][0], by_hand, rtol=1e-5, atol=1e-6)
