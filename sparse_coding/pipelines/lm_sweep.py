@@ -254,27 +254,20 @@ def evaluate_and_save(
 
     ce_tokens = eval_tokens.numel() if eval_tokens is not None else 0
     by_layer = layer_fields(stacks, x_eval, cfg.batch_size)
-    blocks = len(target.layers) or 1  # a crosscoder over several attn_z hooks: heads of every layer
-    shares = [
-        [head_shares(s.decoder()[m], target.heads, blocks) for m in range(s.n_models)] if target.heads else []
-        for s in stacks
-    ]
-
-    paired = isinstance(lm, PairedModel)
-    diffs = [[relative_norms(s.decoder()[m]) for m in range(s.n_models)] if paired else [] for s in stacks]
+    readouts = DecoderReadouts(stacks, target, isinstance(lm, PairedModel))
 
     def model_metrics(i: int, m: int) -> dict[str, Any]:
         t = through_model[i]
         core = core_metrics(stats[i], m, weight_metrics(stacks[i], m), t, (ce_tokens, positions))
         ce = {key: None if t is None else float(t[name][m]) for key, name in CE_FIELDS.items()}
-        heads = {"n_heads": target.heads, **head_summary(shares[i][m])} if target.heads else {}
-        diff = diff_summary(*diffs[i][m]) if paired else {}
-        if paired and t is not None:  # each model's own CE and KL (the fields above: their means)
-            diff |= {f"{key}_by_model": [float(t[f"{name}_{s}"][m]) for s in SIDES] for key, name in CE_FIELDS.items()}
         layers = by_layer(i, m)
-        if paired:  # the crosscoder's blocks are the two models, not layers
+        if readouts.paired:  # the crosscoder's blocks are the two models, not layers; each model's own CE and KL
             layers = {"fvu_by_model": layers["fvu_by_layer"]}
-        return {**ce, **layers, **heads, **diff, "core": core}
+            if t is not None:  # (the fields above: their means)
+                ce |= {
+                    f"{key}_by_model": [float(t[f"{name}_{s}"][m]) for s in SIDES] for key, name in CE_FIELDS.items()
+                }
+        return {**ce, **layers, **readouts.fields(i, m), "core": core}
 
     rows = sweep_rows(stacks, stats, cfg.dict_ratios(), cfg.mmcs_threshold, model_metrics, run.progress)
     meta = {
@@ -292,16 +285,40 @@ def evaluate_and_save(
         "batch_size": cfg.batch_size,
     }
     save_saes(stacks, stats, run.out_dir / "saes", meta)
-    for s, per_model in zip(stacks, shares, strict=True):  # attn_z: each latent's share per head, beside its weights
-        for m, share in enumerate(per_model):
-            save_tensors(run.out_dir / "saes" / s.name(m) / HEADS_FILE, {"head_share": share})
-    for s, per_model in zip(stacks, diffs, strict=True):  # model diffing: relative norms, and their histogram
-        for m, (r, cos) in enumerate(per_model):
-            save_tensors(run.out_dir / "saes" / s.name(m) / DIFF_FILE, {"relative_norm": r, "decoder_cosine": cos})
-            (run.out_dir / "model_diff").mkdir(exist_ok=True)
-            names = (Path(cfg.model_name).name, Path(cfg.diff_model).name)
-            plot_relative_norms(r, names, s.name(m), run.out_dir / "model_diff" / f"{s.name(m)}.png")
+    readouts.save(run.out_dir, (Path(cfg.model_name).name, Path(cfg.diff_model).name))
     return rows
+
+
+class DecoderReadouts:
+    """What a sweep's decoders say beyond reconstruction, per SAE: at an attn_z hook each latent's share per head
+    (eval/heads.py), for a model-diffing crosscoder each latent's relative decoder norm (eval/model_diff.py). Gives
+    their results-row fields and keeps the per-latent values beside each SAE's weights."""
+
+    def __init__(self, stacks: list[SAE], target: Target, paired: bool):
+        self.stacks, self.heads, self.paired = stacks, target.heads, paired
+        blocks = len(target.layers) or 1  # a crosscoder over several attn_z hooks: heads of every layer
+        self.shares = [
+            [head_shares(s.decoder()[m], self.heads, blocks) for m in range(s.n_models)] for s in stacks if self.heads
+        ]
+        self.diffs = [[relative_norms(s.decoder()[m]) for m in range(s.n_models)] for s in stacks if paired]
+
+    def fields(self, i: int, m: int) -> dict[str, Any]:
+        out = {"n_heads": self.heads, **head_summary(self.shares[i][m])} if self.heads else {}
+        return out | (diff_summary(*self.diffs[i][m]) if self.paired else {})
+
+    def save(self, out_dir: Path, model_names: tuple[str, str]) -> None:
+        """Writes each SAE's per-latent values into its folder under out_dir/saes (and, for model diffing, the
+        relative-norm histograms into out_dir/model_diff)."""
+        for i, s in enumerate(self.stacks):
+            for m in range(s.n_models):
+                folder = out_dir / "saes" / s.name(m)
+                if self.heads:
+                    save_tensors(folder / HEADS_FILE, {"head_share": self.shares[i][m]})
+                if self.paired:
+                    r, cos = self.diffs[i][m]
+                    save_tensors(folder / DIFF_FILE, {"relative_norm": r, "decoder_cosine": cos})
+                    (out_dir / "model_diff").mkdir(exist_ok=True)
+                    plot_relative_norms(r, model_names, s.name(m), out_dir / "model_diff" / f"{s.name(m)}.png")
 
 
 def write_report(run: Run, sweep: Sweep, rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
