@@ -176,10 +176,9 @@ class LanguageModel:
         def call(value: Any) -> Any:
             if not isinstance(value, Tensor):
                 raise ModelError(f"hook {hook} gives a {type(value).__name__}, not a tensor; hook a module inside it")
-            flat = value.dim() == 2 and value.shape[0] == rows.numel()
-            flat |= (
-                value.dim() > 3 and value.shape[:2] == rows
-            )  # per head (TransformerLens' hook_z): heads side by side
+            # [B·T, d] (OPT's fc1/fc2), or per head [B, T, heads, d_head] (TransformerLens' hook_z): as [B, T, -1]
+            per_head = value.dim() > 3 and value.shape[:2] == rows
+            flat = per_head or (value.dim() == 2 and value.shape[0] == rows.numel())
             new = fn(value.reshape(*rows, -1) if flat else value)
             return None if new is None else new.reshape(value.shape)
 
