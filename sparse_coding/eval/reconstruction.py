@@ -125,8 +125,7 @@ def ce_and_kl(
 
         def reconstruct(act: Tensor, src: Tensor, where: Tensor = splice_m) -> Tensor:
             x = src.reshape(M, -1, src.shape[-1]).float()  # [M, n·T, d_in]: model m's copy of the rows
-            out = stack.reconstruct(x).to(act.dtype).reshape(act.shape)
-            return torch.where(where[..., None].to(act.device), out, act)
+            return _splice(where, stack.reconstruct(x), act)
 
         clean = lm.logits(inputs)
         if JOIN in hook and stack.layer_transcoder:  # a CLT: every layer's MLP output replaced in one pass
@@ -160,6 +159,16 @@ def ce_and_kl(
     }
 
 
+def _splice(where: Tensor, out: Tensor, act: Tensor) -> Tensor:
+    """The hook's value act [M·n, T, d] with out (the M models' outputs, any shape of as many elements) at the
+    positions where [M·n, T] is true; act elsewhere."""
+    return torch.where(where[..., None].to(act.device), out.to(act.dtype).reshape(act.shape), act)
+
+
+def _zero_layer(_j: int, act: Tensor, _src: Tensor) -> Tensor:
+    return torch.zeros_like(act)
+
+
 def _layered(
     lm: LanguageModel, hook: str, source: str, stack: SAE, inputs: Tensor, splice_m: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -167,12 +176,11 @@ def _layered(
     with each layer's output replaced by the stack's, layer after layer from the inputs the replaced layers before
     it left (the replacement model of a cross-layer transcoder)."""
     targets, sources, M = hook.split(JOIN), source.split(JOIN), stack.n_models
-    zeroed = lm.logits_layered(inputs, targets, sources, lambda j, act, src: torch.zeros_like(act))
+    zeroed = lm.logits_layered(inputs, targets, sources, _zero_layer)
     step = stack.replacement()  # type: ignore[operator]  (cross-layer stacks have one)
 
     def replace(j: int, act: Tensor, src: Tensor) -> Tensor:
-        out = step(j, src.reshape(M, -1, src.shape[-1]).float()).to(act.dtype).reshape(act.shape)
-        return torch.where(splice_m[..., None].to(act.device), out, act)
+        return _splice(splice_m, step(j, src.reshape(M, -1, src.shape[-1]).float()), act)
 
     return zeroed, lm.logits_layered(inputs.repeat(M, 1), targets, sources, replace)
 
@@ -193,13 +201,12 @@ def _joint(lm: LanguageModel, hook: str, stack: SAE, inputs: Tensor, splice_m: T
     hook's value replaced by its block of the stack's reconstruction of the clean pass's activations (an acausal
     crosscoder reads later layers too, so it cannot be applied layer after layer as a CLT is)."""
     hooks, M = hook.split(JOIN), stack.n_models
-    zeroed = lm.logits_layered(inputs, hooks, hooks, lambda j, act, src: torch.zeros_like(act))
+    zeroed = lm.logits_layered(inputs, hooks, hooks, _zero_layer)
     clean = lm.activations(inputs, [hook])[hook]  # [n, T, L·d]
     blocks = stack.reconstruct(clean.reshape(-1, clean.shape[-1]).float()).split(clean.shape[-1] // len(hooks), -1)
 
     def replace(j: int, act: Tensor, _src: Tensor) -> Tensor:
-        out = blocks[j].to(act.dtype).reshape(act.shape)
-        return torch.where(splice_m[..., None].to(act.device), out, act)
+        return _splice(splice_m, blocks[j], act)
 
     return zeroed, lm.logits_layered(inputs.repeat(M, 1), hooks, hooks, replace)
 

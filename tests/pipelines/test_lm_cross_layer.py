@@ -54,6 +54,11 @@ def test_one_sweep_over_every_layer_with_metrics_per_layer(clt_run):
         assert {"W_enc_0.safetensors", "W_enc_1.safetensors", "W_dec_0.safetensors", "W_dec_1.safetensors"} <= names
 
 
+def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean next-token cross-entropy over every position but the last."""
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+
+
 def _hand_spliced_ce(model: GPT2LMHeadModel, sae_dir: Path, tokens: torch.Tensor) -> float:
     """Mean next-token CE of the HF model with each block's MLP output swapped for the CLT's, computed from the
     saved circuit-tracer files alone: a_i = JumpReLU(W_enc_i x_i + b_enc_i), y_j = Σ_{i≤j} a_i W_dec_i[:, j−i]
@@ -79,7 +84,7 @@ def _hand_spliced_ce(model: GPT2LMHeadModel, sae_dir: Path, tokens: torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+    return _next_token_ce(logits, tokens)
 
 
 @torch.no_grad()
@@ -93,7 +98,7 @@ def test_ce_recovered_replaces_every_layer_as_a_hand_spliced_model_does(clt_run)
     ours = ce_and_kl(lm, meta["hook_name_out"], sae, tokens, source=meta["hook_name"])
     model = GPT2LMHeadModel.from_pretrained(root / "gpt2").eval()
     assert float(ours["ce_sae"][0]) == pytest.approx(_hand_spliced_ce(model, sae_dir, tokens), rel=1e-5)
-    clean = float(F.cross_entropy(model(tokens).logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+    clean = _next_token_ce(model(tokens).logits, tokens)
     assert float(ours["ce_clean"][0]) == pytest.approx(clean, rel=1e-5)
 
 
@@ -217,7 +222,7 @@ def test_crosscoder_ce_replaces_every_layer_with_its_reconstruction_of_the_clean
     logits = model(tokens).logits
     for h in handles:
         h.remove()
-    ce = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+    ce = _next_token_ce(logits, tokens)
     assert float(ours["ce_sae"][0]) == pytest.approx(ce, rel=1e-5)
 
 
@@ -304,4 +309,4 @@ def _hand_spliced_model_b(first: Path, other: Path, sae_dir: Path, sae, cfg) -> 
     handle = b.transformer.h[1].register_forward_hook(swap)
     logits = b(tokens).logits
     handle.remove()
-    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())), ours
+    return _next_token_ce(logits, tokens), ours
