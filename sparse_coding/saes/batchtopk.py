@@ -32,7 +32,6 @@ THRESHOLD_LR = 0.01  # SAELens' topk_threshold_lr
 
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
-    selects_bf16 = False  # the batch-wide selection's kernel takes float32 (a bf16 product is widened first)
     saelens_architecture = "jumprelu"  # SAELens' inference form of a BatchTopK SAE
     saelens_training_architecture = "batchtopk"
     saelens_trainer = "batchtopk_sae.BatchTopKTrainingSAE"

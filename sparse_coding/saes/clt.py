@@ -67,6 +67,7 @@ class CrossLayerTranscoder(SAE):
     cross_layer = True
     layer_transcoder = True
     lowers_decoder = False  # the sparse decoder stays fp32 under --train_dtype, as the TopK SAE's
+    selects_bf16 = True  # its top-k kernels read a native bf16 product with the fp32 bias, as the TopK SAE's
     activation_function: ClassVar[str] = "topk"  # cfg.json's name of the nonlinearity
 
     def default_grad_clip(self) -> float:

@@ -95,9 +95,11 @@ def topk_last_dim(x: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor
 def batch_topk(x: Tensor, counts: list[int], bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x: [M, R, F] (+ bias [M, F], per column) → (values, flat indices) [M, max(counts)]: model m's counts[m]
     largest entries of its whole [R, F] slab, in index order (flat index r·F + j), padded past counts[m] with
-    value 0 at index R·F − 1 (which keeps each row in index order). On CPU ties go to the lower index."""
+    value 0 at index R·F − 1 (which keeps each row in index order). On CPU ties go to the lower index. A bf16 x
+    with a float32 bias (a native bf16 product) gives float32 values, those of x.float() + bias."""
     M, R, F = x.shape
-    if fuses_bias(x) and not _needs_grad(bias) and x.dtype in (torch.float32, torch.float64):
+    widening = x.dtype == torch.bfloat16 and bias is not None and bias.dtype == torch.float32
+    if fuses_bias(x) and not _needs_grad(bias) and (x.dtype in (torch.float32, torch.float64) or widening):
         return torch.ops.sparse_coding.batch_topk(x, counts, bias)
     flat = (x if bias is None else x + bias[:, None, :]).reshape(M, R * F)
     values = flat.new_zeros(M, max(counts))

@@ -38,7 +38,7 @@ class TopKSAE(SAE):
     options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias", "decoder_init_norm")
     saelens_trainer = "topk_sae.TopKTrainingSAE"
     lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
-    selects_bf16 = True  # per-row top-k: the kernel reads a native bf16 product with the fp32 bias
+    selects_bf16 = True  # both top-k kernels (per row, batch-wide) read a native bf16 product, fp32 bias
     latent_tensors = SAE.latent_tensors + ("tokens_since_fired",)
 
     # FVU's gradient norm falls ~50x over the first ~50 steps (0.64 -> 0.012 on the tiny model's MLP). Unclipped,

@@ -1,8 +1,9 @@
 // Exact top-k along the last dimension of a CPU tensor, rows in parallel.
 //
 // torch.topk copies every row into a (value, index) buffer and selects from that; for k much smaller than
-// the row (TopK SAEs: 32 of 8192) nearly every element can be ruled out by a bound, in a vectorised pass
-// (block_topk below). Rows with NaN, or too short for the bound, take a heap (heap_topk).
+// the row (TopK SAEs: 32 of 8192) nearly every element can be ruled out by a bound, in vectorised passes
+// (block_topk below: rows read as float, float32 or bfloat16 with a float32 bias, the training path). Other rows,
+// rows with NaN, and rows too short for the bound take a heap (heap_topk).
 //
 // Output is sorted by value, descending; equal values by index, ascending (the earliest index wins a tie at
 // the boundary too), so the result is deterministic. NaN counts as larger than any number, as in torch.topk.
@@ -74,10 +75,54 @@ inline uint64_t order_key(double v) {
   return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
 }
 
+#if defined(__GNUC__)
+// 16-lane GCC/Clang vector types for the hot loops below (block_topk's rescan, collect_at_least), which compile to
+// whatever SIMD the target has; on x86-64 GCC also builds AVX2 and AVX-512 versions of the functions marked
+// SC_SIMD_CLONES and picks one at load time.
+#if defined(__x86_64__) && !defined(__clang__)
+#define SC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SC_SIMD_CLONES
+#endif
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+// Elements j..j+15 of row + bias, as float (a bfloat16 is the top half of a float32).
+inline f32x16 load16(const float* row, const float* bias, int64_t j) {
+  f32x16 v, b;
+  std::memcpy(&v, row + j, sizeof v);
+  std::memcpy(&b, bias + j, sizeof b);
+  return v + b;
+}
+inline f32x16 load16(const at::BFloat16* row, const float* bias, int64_t j) {
+  u16x16 h;
+  std::memcpy(&h, row + j, sizeof h);
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v, b;
+  std::memcpy(&v, &w, sizeof v);
+  std::memcpy(&b, bias + j, sizeof b);
+  return v + b;
+}
+
+// Whether any lane is set, by halving ORs (a lane-by-lane loop extracted every lane: 3x slower).
+inline bool any_lane(i32x16 h) {
+  const i32x8 a = __builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7) |
+                  __builtin_shufflevector(h, h, 8, 9, 10, 11, 12, 13, 14, 15);
+  const i32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) | __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] | b[1] | b[2] | b[3]) != 0;
+}
+#else
+#define SC_SIMD_CLONES
+#endif
+
 // The k-th largest of v[0..n) (no NaN), found bit by bit on the order keys: each step is one vectorisable
 // count, where nth_element's data-dependent branches mispredict about every other comparison.
 template <typename acc_t>
-acc_t kth_largest(const acc_t* v, int64_t n, int64_t k) {
+[[gnu::always_inline]] inline acc_t kth_largest(const acc_t* v, int64_t n, int64_t k) {
   using key_t = decltype(order_key(acc_t{}));
   constexpr int bits = 8 * sizeof(key_t);
   key_t keys[1024];
@@ -96,27 +141,17 @@ acc_t kth_largest(const acc_t* v, int64_t n, int64_t k) {
   return best;
 }
 
-// Writes the k best of (values, indices) to out_v/out_i in rank order.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> heap_v, block_max, cand_v;
-  std::vector<int64_t> heap_i, cand_i;
-  std::vector<std::pair<acc_t, int64_t>> cand;
+  std::vector<acc_t> heap_v;
+  std::vector<int64_t> heap_i;
+  std::vector<std::pair<acc_t, int64_t>> kept;
+  std::vector<float> block_max;
+  std::vector<uint64_t> cand;
 };
 
-template <typename out_t, typename acc_t>
-void write_sorted(std::vector<std::pair<acc_t, int64_t>>& kept, int64_t k, out_t* out_v, int64_t* out_i) {
-  std::partial_sort(kept.begin(), kept.begin() + k, kept.end(), [](const auto& a, const auto& b) {
-    return ranks_above(a.first, a.second, b.first, b.second);
-  });
-  for (int64_t j = 0; j < k; ++j) {
-    out_v[j] = static_cast<out_t>(kept[j].first);
-    out_i[j] = kept[j].second;
-  }
-}
-
-// The general path (any k, NaN-aware): a min-heap of the k best so far, touched only when an element beats
-// its smallest.
+// The general path (any k, any dtype, NaN-aware): a min-heap of the k best so far, touched only when an element
+// beats its smallest; the k kept are then written in rank order.
 template <typename scalar_t, typename bias_t, typename out_t, typename acc_t>
 void heap_topk(const scalar_t* row, const bias_t* bias, int64_t n, int64_t k, Scratch<acc_t>& s, out_t* out_v,
                int64_t* out_i) {
@@ -138,24 +173,45 @@ void heap_topk(const scalar_t* row, const bias_t* bias, int64_t n, int64_t k, Sc
       floor_v = hv[0];
     }
   }
-  s.cand.clear();
-  for (int64_t j = 0; j < k; ++j) s.cand.emplace_back(hv[j], hi[j]);
-  write_sorted(s.cand, k, out_v, out_i);
+  s.kept.clear();
+  for (int64_t j = 0; j < k; ++j) s.kept.emplace_back(hv[j], hi[j]);
+  std::sort(s.kept.begin(), s.kept.end(), [](const auto& a, const auto& b) {
+    return ranks_above(a.first, a.second, b.first, b.second);
+  });
+  for (int64_t j = 0; j < k; ++j) {
+    out_v[j] = static_cast<out_t>(s.kept[j].first);
+    out_i[j] = s.kept[j].second;
+  }
 }
+
+// A candidate of block_topk as one integer whose order is the rank: the value's order key, then the index
+// reversed, so a descending sort ranks larger values first and equal values by ascending index. (+ 0.0f: -0
+// becomes +0, which it equals, as ranks_above has it.)
+inline uint64_t pack(float v, int64_t j) {
+  return (static_cast<uint64_t>(order_key(v + 0.0f)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+}
+inline float unpack_value(uint64_t p) {
+  const uint32_t key = static_cast<uint32_t>(p >> 32);
+  const uint32_t u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;  // order_key undone
+  float v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline int64_t unpack_index(uint64_t p) { return 0xFFFFFFFFu - static_cast<uint32_t>(p); }
 
 // Pass 1 of block_topk. Block g holds the elements j with j % G == g: the row read as rows of G and block g its
 // column g. Any partition serves the bound; columns make pass 1 a running maximum over contiguous G-wide slices,
 // plain SIMD with no reduction across lanes (blocks of consecutive elements spent most of pass 1 reducing lanes,
-// ~40 µs a row of 8192 on AVX2). Gives false if the row holds a NaN, which block_topk leaves to heap_topk.
-template <typename scalar_t, typename bias_t, typename acc_t>
-bool block_maxima(const scalar_t* __restrict row, const bias_t* __restrict bias, int64_t n, int64_t G,
-                  acc_t* __restrict out) {
+// ~40 µs a row of 8192 on AVX2). Gives false if the row holds a NaN.
+template <typename row_t>
+[[gnu::always_inline]] inline bool block_maxima(const row_t* __restrict row, const float* __restrict bias, int64_t n,
+                                                int64_t G, float* __restrict out) {
   int nan = 0;
-  for (int64_t g = 0; g < G; ++g) out[g] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t g = 0; g < G; ++g) out[g] = -std::numeric_limits<float>::infinity();
   for (int64_t lo = 0; lo < n; lo += G) {
     const int64_t len = std::min(G, n - lo);
     for (int64_t g = 0; g < len; ++g) {
-      const acc_t v = at_j<scalar_t, bias_t, acc_t>(row + lo, bias + lo, g);
+      const float v = at_j<row_t, float, float>(row + lo, bias + lo, g);
       out[g] = v > out[g] ? v : out[g];  // NaN keeps out[g]; the flag below catches it
       nan |= v != v;
     }
@@ -163,42 +219,46 @@ bool block_maxima(const scalar_t* __restrict row, const bias_t* __restrict bias,
   return nan == 0;
 }
 
-// The fast path, for rows of at least k blocks: the k-th largest block maximum t is a lower bound on the
-// k-th largest element (those k blocks' maxima are k elements ≥ t), so only elements ≥ t, all in blocks
-// whose maximum is ≥ t, can be in the top k. Pass 1 reads the row once, vectorised; pass 2 reads ~k blocks
-// and keeps, branch-free, the few elements ≥ t (~k + a few on SAE pre-activations); the final sort ranks them,
-// so the order they are found in does not matter. When t is -inf (an AuxK row masked to its few dead latents)
-// the finite elements are kept and the rest of the k are the first -inf entries, as in heap_topk. Gives false,
-// leaving the row to heap_topk, for rows with NaN.
-template <typename scalar_t, typename bias_t, typename out_t, typename acc_t>
-bool block_topk(const scalar_t* row, const bias_t* bias, int64_t n, int64_t k, int64_t G, Scratch<acc_t>& s,
-                out_t* out_v, int64_t* out_i) {
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t* bmax = s.block_max.data();
-  if (!block_maxima<scalar_t, bias_t, acc_t>(row, bias, n, G, bmax)) return false;
-  const acc_t t = kth_largest(bmax, G, k);
-  acc_t* cv = s.cand_v.data();
-  int64_t* ci = s.cand_i.data();
-  int64_t c = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    if (bmax[g] < t || bmax[g] == neg_inf) continue;
-    for (int64_t j = g; j < n; j += G) {
-      const acc_t v = at_j<scalar_t, bias_t, acc_t>(row, bias, j);
-      cv[c] = v;
-      ci[c] = j;
-      c += v >= t && v > neg_inf;
+// The fast path, for rows read as float (float32, or bfloat16 with a float32 bias) of at least 2k blocks: the
+// k-th largest block maximum t is a lower bound on the k-th largest element (those k blocks' maxima are k
+// elements ≥ t), so only elements ≥ t can be in the top k. Pass 1 reads the row once (from memory); pass 2 reads
+// it again (from cache) 16 elements at a time and keeps the few ≥ t (~k + a few on SAE pre-activations) as packed
+// keys, which the caller sorts. Gives their count, or -1 (the row left to heap_topk) for a row with NaN or a t of
+// -inf (an AuxK row masked to its few dead latents). Pass 2 once read only the ~k blocks at or above t, an
+// element at a time: on 2 AVX-512 cores at d_sae 8192, k 32 it and the sort of (value, index) pairs took ~9 of
+// the top-k's ~16 ms per 4096 rows; the vector rescan and the packed sort take ~5.
+template <typename row_t>
+[[gnu::always_inline]] inline int64_t block_candidates(const row_t* row, const float* bias, int64_t n, int64_t k,
+                                                       int64_t G, float* bmax, uint64_t* cand) {
+  if (!block_maxima(row, bias, n, G, bmax)) return -1;
+  const float t = kth_largest(bmax, G, k);
+  if (t == -std::numeric_limits<float>::infinity()) return -1;
+  int64_t c = 0, j = 0;
+#if defined(__GNUC__)
+  f32x16 tv;
+  for (int l = 0; l < 16; ++l) tv[l] = t;
+  for (; j + 16 <= n; j += 16) {
+    const f32x16 v = load16(row, bias, j);
+    const i32x16 hit = v >= tv;
+    if (!any_lane(hit)) continue;
+    for (int l = 0; l < 16; ++l) {
+      if (hit[l]) cand[c++] = pack(v[l], j + l);
     }
   }
-  for (int64_t j = 0; j < n && c < k; ++j) {  // only when t is -inf: fewer than k finite elements
-    if (at_j<scalar_t, bias_t, acc_t>(row, bias, j) == neg_inf) {
-      cv[c] = neg_inf;
-      ci[c++] = j;
-    }
+#endif
+  for (; j < n; ++j) {
+    const float v = at_j<row_t, float, float>(row, bias, j);
+    if (v >= t) cand[c++] = pack(v, j);
   }
-  s.cand.clear();
-  for (int64_t j = 0; j < c; ++j) s.cand.emplace_back(cv[j], ci[j]);
-  write_sorted(s.cand, k, out_v, out_i);
-  return true;
+  return c;
+}
+SC_SIMD_CLONES int64_t block_candidates_f32(const float* row, const float* bias, int64_t n, int64_t k, int64_t G,
+                                            float* bmax, uint64_t* cand) {
+  return block_candidates(row, bias, n, k, G, bmax, cand);
+}
+SC_SIMD_CLONES int64_t block_candidates_bf16(const at::BFloat16* row, const float* bias, int64_t n, int64_t k,
+                                             int64_t G, float* bmax, uint64_t* cand) {
+  return block_candidates(row, bias, n, k, G, bmax, cand);
 }
 
 // The top-k of every row of src (+ its slice's row of bias), written to val/idx [rows, k].
@@ -206,23 +266,42 @@ template <typename scalar_t, typename bias_t, typename out_t>
 void topk_rows(const scalar_t* src, const bias_t* bias_p, int64_t rows, int64_t rows_per_bias, int64_t n, int64_t k,
                out_t* val, int64_t* idx) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  constexpr bool reads_float = std::is_same_v<bias_t, float> && std::is_same_v<out_t, float> &&
+                               (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>);
   // Blocks of 8..64 elements, at least 4k of them where the row allows; too few blocks: heap only.
   int64_t b = 64;
   while (b > 8 && n / b < 4 * k) b /= 2;
   const int64_t G = (n + b - 1) / b;  // blocks
-  const bool blocks = n / b >= 2 * k && G <= 1024;
+  const bool blocks = reads_float && n / b >= 2 * k && G <= 1024;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s;
     s.heap_v.resize(k);
     s.heap_i.resize(k);
-    s.block_max.resize(G);
-    s.cand_v.resize(n + 1);
-    s.cand_i.resize(n + 1);
+    if (blocks) {
+      s.block_max.resize(G);
+      s.cand.resize(n);
+    }
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = src + r * n;
       const bias_t* br = bias_p + (r / rows_per_bias) * n;
-      if (!(blocks && block_topk<scalar_t, bias_t, out_t, acc_t>(row, br, n, k, G, s, val + r * k, idx + r * k))) {
+      int64_t c = -1;
+      if constexpr (reads_float) {
+        if (blocks) {
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            c = block_candidates_f32(row, br, n, k, G, s.block_max.data(), s.cand.data());
+          } else {
+            c = block_candidates_bf16(row, br, n, k, G, s.block_max.data(), s.cand.data());
+          }
+        }
+      }
+      if (c < 0) {
         heap_topk<scalar_t, bias_t, out_t, acc_t>(row, br, n, k, s, val + r * k, idx + r * k);
+        continue;
+      }
+      std::sort(s.cand.begin(), s.cand.begin() + c, std::greater<uint64_t>());
+      for (int64_t j = 0; j < k; ++j) {
+        val[r * k + j] = static_cast<out_t>(unpack_value(s.cand[j]));
+        idx[r * k + j] = unpack_index(s.cand[j]);
       }
     }
   });
@@ -285,86 +364,85 @@ std::tuple<at::Tensor, at::Tensor> topk_last_dim(const at::Tensor& input, int64_
 // Ranks go by order key: larger value first, a (positive) NaN above +inf as in torch.topk; ties at the boundary go
 // to the lower index, so the result is deterministic.
 
-template <typename scalar_t>
+template <typename val_t>
 struct Entry {
-  decltype(order_key(scalar_t{})) key;
+  decltype(order_key(val_t{})) key;
   int64_t index;
-  scalar_t value;
+  val_t value;
 };
 
-// Every entry of rows [r0, r1) of the slab (+ bias per column) whose key is ≥ t, in index order.
-template <typename scalar_t>
-void collect_at_least(const scalar_t* slab, const scalar_t* bias, int64_t r0, int64_t r1, int64_t F,
-                      decltype(order_key(scalar_t{})) t, std::vector<Entry<scalar_t>>& out) {
+// Element j of a slab row + its column's bias, as the selection ranks it: in the row's dtype, or in float32 for a
+// bfloat16 row with a float32 bias (a native bf16 product, as topk_last_dim reads it).
+template <typename row_t, typename val_t>
+inline val_t slab_value(const row_t* row, const val_t* bias, int64_t j) {
+  return static_cast<val_t>(static_cast<val_t>(row[j]) + bias[j]);
+}
+
+// Every entry of rows [r0, r1) of the slab (+ bias per column) whose key is ≥ t, in index order. Float32 rows
+// (and bfloat16 ones with a float32 bias), the training hot path, are read 16 order keys at a time (the bit trick
+// of order_key, lane-wise); the rare vector with a key ≥ t is then read again one element at a time.
+template <typename row_t, typename val_t>
+[[gnu::always_inline]] inline void collect_at_least(const row_t* slab, const val_t* bias, int64_t r0, int64_t r1,
+                                                    int64_t F, decltype(order_key(val_t{})) t,
+                                                    std::vector<Entry<val_t>>& out) {
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* row = slab + r * F;
-    for (int64_t j = 0; j < F; ++j) {
-      const scalar_t v = static_cast<scalar_t>(row[j] + bias[j]);
+    const row_t* row = slab + r * F;
+    int64_t j = 0;
+#if defined(__GNUC__)
+    if constexpr (std::is_same_v<val_t, float>) {
+      u32x16 tv;
+      for (int l = 0; l < 16; ++l) tv[l] = t;
+      for (; j + 16 <= F; j += 16) {
+        const f32x16 v = load16(row, bias, j);
+        u32x16 bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        const u32x16 flip = (u32x16)((i32x16)bits >> 31) | 0x80000000u;
+        if (!any_lane((bits ^ flip) >= tv)) continue;
+        for (int l = 0; l < 16; ++l) {
+          if (order_key(v[l]) >= t) out.push_back({order_key(v[l]), r * F + j + l, v[l]});
+        }
+      }
+    }
+#endif
+    for (; j < F; ++j) {
+      const val_t v = slab_value(row, bias, j);
       const auto key = order_key(v);
       if (key >= t) out.push_back({key, r * F + j, v});
     }
   }
 }
-
-#if defined(__GNUC__)
-// 16-lane GCC/Clang vector types for collect_at_least below, which compile to whatever SIMD the target has; on
-// x86-64 GCC also builds AVX2 and AVX-512 versions and picks one at load time.
-#if defined(__x86_64__) && !defined(__clang__)
-#define SC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SC_SIMD_CLONES
-#endif
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-// float slabs, the training hot path: 16 order keys at a time (the bit trick of order_key, lane-wise); the
-// rare block with a key ≥ t is then read again one element at a time.
-template <>
-SC_SIMD_CLONES void collect_at_least<float>(const float* slab, const float* bias, int64_t r0, int64_t r1, int64_t F,
-                                            uint32_t t, std::vector<Entry<float>>& out) {
-  constexpr int L = 16;
-  u32x16 tv;
-  for (int l = 0; l < L; ++l) tv[l] = t;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* row = slab + r * F;
-    int64_t j = 0;
-    for (; j + L <= F; j += L) {
-      f32x16 v, bv;
-      std::memcpy(&v, row + j, sizeof v);
-      std::memcpy(&bv, bias + j, sizeof bv);
-      v += bv;
-      u32x16 bits;
-      std::memcpy(&bits, &v, sizeof bits);
-      const u32x16 flip = (u32x16)((i32x16)bits >> 31) | 0x80000000u;
-      const i32x16 hit = (bits ^ flip) >= tv;
-      int32_t any = 0;
-      for (int l = 0; l < L; ++l) any |= hit[l];
-      if (any == 0) continue;
-      for (int l = 0; l < L; ++l) {
-        if (hit[l]) out.push_back({order_key(v[l]), r * F + j + l, v[l]});
-      }
-    }
-    for (; j < F; ++j) {
-      const float v = row[j] + bias[j];
-      if (order_key(v) >= t) out.push_back({order_key(v), r * F + j, v});
-    }
+SC_SIMD_CLONES void collect_at_least_f32(const float* slab, const float* bias, int64_t r0, int64_t r1, int64_t F,
+                                         uint32_t t, std::vector<Entry<float>>& out) {
+  collect_at_least(slab, bias, r0, r1, F, t, out);
+}
+SC_SIMD_CLONES void collect_at_least_bf16(const at::BFloat16* slab, const float* bias, int64_t r0, int64_t r1,
+                                          int64_t F, uint32_t t, std::vector<Entry<float>>& out) {
+  collect_at_least(slab, bias, r0, r1, F, t, out);
+}
+template <typename row_t, typename val_t>
+void collect(const row_t* slab, const val_t* bias, int64_t r0, int64_t r1, int64_t F,
+             decltype(order_key(val_t{})) t, std::vector<Entry<val_t>>& out) {
+  if constexpr (std::is_same_v<row_t, float>) {
+    collect_at_least_f32(slab, bias, r0, r1, F, t, out);
+  } else if constexpr (std::is_same_v<row_t, at::BFloat16>) {
+    collect_at_least_bf16(slab, bias, r0, r1, F, t, out);
+  } else {
+    collect_at_least(slab, bias, r0, r1, F, t, out);
   }
 }
-#endif
 
 // Writes the n best of one model's slab to out_v/out_i (index order).
-template <typename scalar_t>
-void slab_topk(const scalar_t* slab, const scalar_t* bias, int64_t R, int64_t F, int64_t n, scalar_t* out_v,
+template <typename row_t, typename val_t>
+void slab_topk(const row_t* slab, const val_t* bias, int64_t R, int64_t F, int64_t n, val_t* out_v,
                int64_t* out_i) {
-  using key_t = decltype(order_key(scalar_t{}));
+  using key_t = decltype(order_key(val_t{}));
   // The sample: whole rows (tokens are exchangeable, and whole rows read memory in order), a sixteenth of the
   // slab within 2^15..2^19 entries (a whole small slab made its selection cost ~5 ms of a toy step).
   const int64_t target = std::clamp<int64_t>(R * F / 16, 1 << 15, 1 << 19);
   const int64_t row_step = std::max<int64_t>(1, R * F / target);
   std::vector<key_t> sample;
   for (int64_t r = 0; r < R; r += row_step)
-    for (int64_t j = 0; j < F; ++j) sample.push_back(order_key(static_cast<scalar_t>(slab[r * F + j] + bias[j])));
+    for (int64_t j = 0; j < F; ++j) sample.push_back(order_key(slab_value(slab + r * F, bias, j)));
   const double expected = static_cast<double>(n) * sample.size() / (R * F);  // entries of the top n in the sample
   const auto q = static_cast<int64_t>(1.15 * expected + 6.0 * std::sqrt(expected) + 8.0);
   key_t t = 0;  // 0: keep every entry
@@ -373,19 +451,19 @@ void slab_topk(const scalar_t* slab, const scalar_t* bias, int64_t R, int64_t F,
     t = sample[q];
   }
   const int64_t n_chunks = std::min<int64_t>(R, 8 * at::get_num_threads());
-  std::vector<std::vector<Entry<scalar_t>>> parts(n_chunks);
-  auto collect = [&](key_t bound) {
+  std::vector<std::vector<Entry<val_t>>> parts(n_chunks);
+  auto collect_all = [&](key_t bound) {
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         parts[c].clear();
-        collect_at_least(slab, bias, R * c / n_chunks, R * (c + 1) / n_chunks, F, bound, parts[c]);
+        collect(slab, bias, R * c / n_chunks, R * (c + 1) / n_chunks, F, bound, parts[c]);
       }
     });
     int64_t total = 0;
     for (const auto& p : parts) total += p.size();
     return total;
   };
-  if (collect(t) < n) collect(0);
+  if (collect_all(t) < n) collect_all(0);
   std::vector<key_t> keys;
   for (const auto& p : parts)
     for (const auto& e : p) keys.push_back(e.key);
@@ -405,7 +483,8 @@ void slab_topk(const scalar_t* slab, const scalar_t* bias, int64_t R, int64_t F,
 }
 
 // input [M, R, F] (+ bias [M, F]); counts[m] ≥ 1 entries of model m's slab, the width K = max(counts); models
-// that keep fewer are padded with value 0 at the last index R·F − 1, which keeps every row in index order.
+// that keep fewer are padded with value 0 at the last index R·F − 1, which keeps every row in index order. The
+// bias has the input's dtype, or is float32 on a bfloat16 input (values then float32, as in topk_last_dim).
 std::tuple<at::Tensor, at::Tensor> batch_topk(const at::Tensor& input, at::IntArrayRef counts,
                                               const std::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(input.device().is_cpu() && input.dim() == 3, "batch_topk: a CPU tensor [M, R, F]");
@@ -417,15 +496,18 @@ std::tuple<at::Tensor, at::Tensor> batch_topk(const at::Tensor& input, at::IntAr
     K = std::max(K, c);
   }
   const at::Tensor x = input.contiguous();
+  const bool widening = x.scalar_type() == at::kBFloat16 && bias_in.has_value() &&
+                        bias_in->scalar_type() == at::kFloat;
+  const auto val_dtype = widening ? at::kFloat : x.scalar_type();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::zeros({M, F}, x.options());
-  TORCH_CHECK(bias.scalar_type() == x.scalar_type() && bias.dim() == 2 && bias.size(0) == M && bias.size(1) == F,
-              "batch_topk: bias must be [M, F] of the input's dtype");
-  at::Tensor values = at::zeros({M, K}, x.options());
+  TORCH_CHECK((bias.scalar_type() == x.scalar_type() || widening) && bias.dim() == 2 && bias.size(0) == M &&
+                  bias.size(1) == F,
+              "batch_topk: bias must be [M, F] of the input's dtype (or float32 on a bfloat16 input)");
+  at::Tensor values = at::zeros({M, K}, x.options().dtype(val_dtype));
   at::Tensor indices = at::full({M, K}, R * F - 1, x.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_topk", [&] {
+  auto run = [&](const auto* slab, const auto* bias_p, auto* out_v) {
     auto one = [&](int64_t m) {
-      slab_topk<scalar_t>(x.const_data_ptr<scalar_t>() + m * R * F, bias.const_data_ptr<scalar_t>() + m * F, R, F,
-                          counts[m], values.data_ptr<scalar_t>() + m * K, indices.data_ptr<int64_t>() + m * K);
+      slab_topk(slab + m * R * F, bias_p + m * F, R, F, counts[m], out_v + m * K, indices.data_ptr<int64_t>() + m * K);
     };
     if (M >= at::get_num_threads()) {  // a model per thread (each slab's own pass then runs serially)
       at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
@@ -434,7 +516,14 @@ std::tuple<at::Tensor, at::Tensor> batch_topk(const at::Tensor& input, at::IntAr
     } else {
       for (int64_t m = 0; m < M; ++m) one(m);  // the threads share each slab's pass
     }
-  });
+  };
+  if (widening) {
+    run(x.const_data_ptr<at::BFloat16>(), bias.const_data_ptr<float>(), values.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_topk", [&] {
+      run(x.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), values.data_ptr<scalar_t>());
+    });
+  }
   return {values, indices};
 }
 

@@ -42,11 +42,13 @@ def test_ties_go_to_the_lower_index_and_nan_ranks_first():
 
 def test_ties_in_long_rows_rank_like_a_stable_sort():
     """The bound's path (rows of thousands, a length that is no multiple of the block count): among equal
-    values the lower index wins, exactly as a stable sort of -x orders them."""
-    x = torch.randint(0, 20, (16, 8191)).float()
+    values (-0 and +0 included) the lower index wins, exactly as a stable sort of -x orders them."""
+    x = torch.randint(0, 20, (16, 8191)).float() - 19  # ~400 zeros a row: the top 32 are ties
+    x[:, ::2] = torch.where(x[:, ::2] == 0, -0.0, x[:, ::2])  # of both signs (a bias of -0 keeps them so)
     x[3, 100] = float("nan")  # a NaN row takes the heap and must agree too
-    vals, idx = topk_last_dim(x, 32)
-    want = torch.argsort(-x.nan_to_num(nan=float("inf")), dim=-1, stable=True)[:, :32]
+    vals, idx = topk_last_dim(x, 32, torch.full((8191,), -0.0))
+    # (+ 0: -0 becomes +0, which torch's sort of long rows would otherwise rank apart)
+    want = torch.argsort(-x.nan_to_num(nan=float("inf")) + 0, dim=-1, stable=True)[:, :32]
     assert torch.equal(idx, want)
     assert torch.equal(vals[:, 1:], x.gather(-1, want)[:, 1:])
 

@@ -304,12 +304,15 @@ def test_relu_with_a_free_decoder_weights_l1_by_decoder_norms(float64, free, tra
 
 
 def test_batch_topk_kernel_matches_torch_topk():
-    for dtype in (torch.float32, torch.float64):
+    """float32 and float64 slabs, and a bf16 one with a float32 bias (a native bf16 product): its values are those
+    of the widened sum, in float32."""
+    for dtype, bias_dtype in [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32)]:
         x = (torch.randn(3, 64, 200) * torch.rand(200)).to(dtype)  # latents of different scales
-        bias = torch.randn(3, 200, dtype=dtype)
+        bias = torch.randn(3, 200, dtype=bias_dtype)
         counts = [1, 640, 64 * 200]
         vals, idx = batch_topk(x, counts, bias)
-        flat = (x + bias[:, None, :]).reshape(3, -1)
+        flat = (x.to(bias_dtype) + bias[:, None, :]).reshape(3, -1)
+        assert vals.dtype == bias_dtype
         for m, n in enumerate(counts):
             assert torch.equal(vals[m, :n].sort().values, flat[m].topk(n).values.sort().values)
             assert torch.equal(flat[m][idx[m, :n]], vals[m, :n]) and (idx[m, :n].diff() > 0).all()

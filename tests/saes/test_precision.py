@@ -42,25 +42,30 @@ def test_native_cpu_matmul_agrees_with_the_emulation():
     assert torch.allclose(native, emulated, rtol=2**-7, atol=1e-2)
 
 
-def test_topk_selects_from_the_native_bf16_product_as_from_its_widened_copy(monkeypatch):
-    """A native CPU bf16 step hands the TopK selection the bf16 product itself (the kernel adds the fp32 bias as it
-    reads) instead of a widened fp32 copy: the same entries, values, loss and gradients, AuxK's dead latents too."""
-    x = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "clt", "clt_batchtopk"])
+def test_sparse_selects_from_the_native_bf16_product_as_from_its_widened_copy(monkeypatch, arch):
+    """A native CPU bf16 step hands the selection (per-row or batch-wide top-k) the bf16 product itself (the kernel
+    adds the fp32 bias as it reads) instead of a widened fp32 copy: the same entries, values, loss and gradients,
+    AuxK's dead latents too."""
+    g = torch.Generator().manual_seed(0)
+    L = 2 if arch.startswith("clt") else 1  # a CLT: two layers of 32 inputs, 64 latents and 16 outputs each
+    x, target = torch.randn(96, 32 * L, generator=g), torch.randn(96, 16 * L, generator=g)
+    shape = {"n_layers": L, "d_out": 16 * L} if L > 1 else {}
     results = []
     for skip_widening in (True, False):
-        monkeypatch.setattr(SAES["topk"], "selects_bf16", skip_widening)
+        monkeypatch.setattr(SAES[arch], "selects_bf16", skip_widening)
         torch.manual_seed(0)
-        sae = build_sae("topk", 32, 128, [{"k": 4}, {"k": 8}], dead_tokens_threshold=1)
+        sae = build_sae(arch, 32 * L, 128, [{"k": 4}, {"k": 8}], dead_tokens_threshold=1, **shape)
         sae.precision = Precision("bf16", native=True)
         sae.tokens_since_fired[:, ::3] = 10  # a third of the latents dead: AuxK reads the product too
-        out = sae.train_forward(x)
+        out = sae.train_forward(x, target=target if L > 1 else None)
         out.loss.sum().backward()
         assert ("pre_bf16" in sae._cache._buffers) == skip_widening  # the path the case names was taken
         results.append((out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
-    for name, g in grads_a.items():
-        assert torch.equal(g, grads_b[name]), name
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
 
 
 def test_fp16_scales_tiny_gradients_instead_of_flushing_them():
