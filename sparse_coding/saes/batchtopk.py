@@ -56,7 +56,7 @@ class BatchTopKSAE(TopKSAE):
 
     def decode_entries(self, vals: Tensor, idx: Tensor, n_tokens: int) -> Tensor:
         rows, lat = split_flat(idx, self.d_local)
-        return sparse_decode(vals, lat, self.decoder(), rows, n_tokens)
+        return sparse_decode(vals, lat, self.decoder(), rows, n_tokens, self.precision)
 
     def latents(self, idx: Tensor) -> Tensor:
         return idx % self.d_local

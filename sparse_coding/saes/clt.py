@@ -279,14 +279,14 @@ class CrossLayerTranscoder(SAE):
                 B, K = idx.shape[2:]
                 lat = (idx[:, i, :, None, :] * n_t + t[:, None]).reshape(M, B * n_t, K)
                 v = vals[:, i, :, None, :].expand(M, B, n_t, K).reshape(M, B * n_t, K)
-                outs.append(sparse_decode(v, lat, table).view(M, B, n_t, e))
+                outs.append(sparse_decode(v, lat, table, precision=self.precision).view(M, B, n_t, e))
             else:  # flat, in index order: bags (target, token), so each target's entries keep that order
                 rows, f = split_flat(idx[:, i], self.F_local)
                 N = rows.shape[-1]
                 lat = (f[:, None, :] * n_t + t[:, None]).reshape(M, n_t * N)
                 bags = (t[:, None] * n_tokens + rows[:, None, :]).reshape(M, n_t * N)
                 v = vals[:, i, None, :].expand(M, n_t, N).reshape(M, n_t * N)
-                out = sparse_decode(v, lat, table, bags, n_t * n_tokens)
+                out = sparse_decode(v, lat, table, bags, n_t * n_tokens, self.precision)
                 outs.append(out.view(M, n_t, n_tokens, e).transpose(1, 2))
         return self.decoded_layers(outs)
 

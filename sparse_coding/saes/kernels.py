@@ -1,14 +1,17 @@
 """The compiled CPU kernels and the sparse primitives of the TopK family.
 
-- top-k of each row (topk_cpu.cpp; torch.topk elsewhere) and of a whole [B, d_sae] slab (BatchTopK), and
-  per-latent sums over the entries that chose each latent (a CSR matmul: MKL on CPU, cuSPARSE on CUDA);
+- top-k of each row (topk_cpu.cpp; torch.topk elsewhere) and of a whole [B, d_sae] slab (BatchTopK);
+- the sparse decoder's gathers (topk_cpu.cpp: gather_sum, a token's weighted sum of a few decoder rows, and
+  gather_dot, its gradient, a dot product per entry; embedding_bag elsewhere), and per-latent sums over the entries
+  that chose each latent (latent_sum: gather_sum over each latent's rows on CPU, a CSR matmul on CUDA);
 - the fused elementwise passes of the dense JumpReLU and gated steps (dense_cpu.cpp; torch ops elsewhere).
 
 On 2 CPU cores at d_sae 8192, batch 4096, k 32, torch.topk took ~41 ms of a ~290 ms training step, the kernel
-~12 ms. `make setup` builds them (~30 s) into ~/.cache/sparse_coding/ (or $TORCH_EXTENSIONS_DIR), in a folder per
-torch and Python version so two environments never load each other's build; otherwise the first use builds them.
-Where they cannot be built (no C++ compiler) the torch versions are used, with one warning. (A hand-written
-per-latent sum was ~5 ms a step faster than the CSR matmul here, too little to keep a second kernel for.)
+~12 ms; embedding_bag's gradient of its weights ~8-11 ms (one BLAS dot call per entry), gather_dot ~3.5; MKL's CSR
+matmul ~5 ms a per-latent sum, gather_sum ~3. `make setup` builds them (~30 s) into ~/.cache/sparse_coding/ (or
+$TORCH_EXTENSIONS_DIR), in a folder per torch and Python version so two environments never load each other's
+build; otherwise the first use builds them. Where they cannot be built (no C++ compiler) the torch versions are
+used, with one warning.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ def fuses_bias(x: Tensor) -> bool:
     return x.device.type == "cpu" and not _needs_grad(x) and cpu_kernel_available()
 
 
+def gathers(table: Tensor) -> bool:
+    """True where gather_sum/gather_dot serve a float32 or bf16 table on this device (CPU, the kernels built)."""
+    return table.device.type == "cpu" and table.dtype in (torch.float32, torch.bfloat16) and cpu_kernel_available()
+
+
 def compiled(x: Tensor) -> bool:
     """True where the fused kernels of dense_cpu.cpp serve x (CPU, float32 or float64, the kernels built)."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_kernel_available()
@@ -126,8 +134,13 @@ def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int, rows: Tensor | Non
     crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
     crow[1:] = torch.bincount(latents, minlength=M * d_sae).cumsum(0)
     flat = w.reshape(-1)
-    by_latent = torch.sparse_csr_tensor(crow, cols[order], flat[order], (M * d_sae, M * R), check_invariants=False)
-    # into an uninitialised output (beta 0 ignores it): `by_latent @ X` zero-fills its output first, ~1 ms a call
-    out = torch.addmm(X.new_empty(M * d_sae, X.shape[-1]), by_latent, X.reshape(M * R, -1), beta=0).view(M, d_sae, -1)
+    if gathers(X) and w.dtype == torch.float32:  # each latent's bag of rows: the sparse decoder's gather_sum
+        out = torch.ops.sparse_coding.gather_sum(X.reshape(M * R, -1), cols[order], crow[:-1], flat[order])
+        out = out.view(M, d_sae, -1)
+    else:
+        by_latent = torch.sparse_csr_tensor(crow, cols[order], flat[order], (M * d_sae, M * R), check_invariants=False)
+        # into an uninitialised output (beta 0 ignores it): `by_latent @ X` zero-fills its output first, ~1 ms a call
+        out = torch.addmm(X.new_empty(M * d_sae, X.shape[-1]), by_latent, X.reshape(M * R, -1), beta=0)
+        out = out.view(M, d_sae, -1)
     w_sum = torch.zeros(M * d_sae, dtype=w.dtype, device=w.device).index_add_(0, latents, flat).view(M, d_sae)
     return out, w_sum

@@ -78,7 +78,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         M, B, G = self.n_models, x.shape[-2], len(self.widths)
         rows, lat = split_flat(idx, self.d_local)
         level = torch.bucketize(lat + self.latent_start, self.bounds, right=True)  # the level a latent first joins
-        parts = sparse_decode(vals, lat, self.decoder(), rows * G + level, B * G).view(M, B, G, self.d_out)
+        parts = sparse_decode(vals, lat, self.decoder(), rows * G + level, B * G, self.precision)
+        parts = parts.view(M, B, G, self.d_out)
         parts = self.across_latents(parts)
         rest = (self.b_dec[:, None, :] - x).expand(M, B, self.d_out).contiguous()
         sq, err = NestedSquaredError.apply(parts, rest)

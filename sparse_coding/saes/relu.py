@@ -148,7 +148,7 @@ class ReluSAE(PenaltySAE):
                 x, self.encoder(), self.b_enc, self.center_bias(), self, None, 0, codes
             )
             rows, lat = split_flat(idx, self.d_local)
-            x_hat = sparse_decode(vals, lat, self.decoder(), rows, B)
+            x_hat = sparse_decode(vals, lat, self.decoder(), rows, B, self.precision)
             x_hat = self.decoded(x_hat if bias is None else x_hat + bias[:, None, :])
             l1 = (vals if weights is None else vals * weights.gather(-1, lat)).sum(-1) / B
         else:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_coding.saes.base import BufferCache
-from sparse_coding.saes.kernels import fuses_bias, latent_sum, topk_last_dim
+from sparse_coding.saes.kernels import fuses_bias, gathers, latent_sum, topk_last_dim
+from sparse_coding.saes.precision import FP32, Precision
 
 
 def split_flat(idx: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
@@ -29,31 +30,43 @@ def split_flat(idx: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
     return torch.div(idx, d_sae, rounding_mode="floor"), idx % d_sae
 
 
-def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, bags: Tensor | None = None, n_bags: int = 0) -> Tensor:
+def sparse_decode(
+    vals: Tensor,
+    idx: Tensor,
+    W_dec: Tensor,
+    bags: Tensor | None = None,
+    n_bags: int = 0,
+    precision: Precision = FP32,
+) -> Tensor:
     """Σ of vals · W_dec[latent] per bag, no bias. W_dec: [M, d_sae, d_in].
 
     Per row: vals, idx [M, B, K] → [M, B, d_in], one bag per token. Flat: vals, latent indices idx [M, N] and
     bags [M, N] (non-decreasing along each model's entries) → [M, n_bags, d_in]; an empty bag gives 0.
-    embedding_bag gives the output and the gradient of vals; the decoder's gradient comes from latent_sum over the
-    same entries (a fifth of embedding_bag's own dense scatter backward here)."""
+    On a CPU with the kernels built, float32 entries go through gather_sum/gather_dot (topk_cpu.cpp), which read
+    the decoder's rows in bf16 under a bf16 precision (the rounding a dense matmul's operand gets there; half the
+    bytes; sums in float32); elsewhere embedding_bag gives the output and the gradient of vals, in W_dec's dtype.
+    The decoder's gradient comes from latent_sum over the same entries (a fifth of embedding_bag's own dense
+    scatter backward here)."""
     M, d_sae, d_in = W_dec.shape
     offsets = (torch.arange(M, device=idx.device) * d_sae).view(M, *[1] * (idx.dim() - 1))
-    table = W_dec.detach().reshape(M * d_sae, d_in)
+    flat_idx = (idx + offsets).reshape(-1)
     if bags is None:
         B, K = idx.shape[1:]
-        out = F.embedding_bag(
-            (idx + offsets).reshape(M * B, K), table, per_sample_weights=vals.reshape(M * B, K), mode="sum"
-        )
-        return _DecoderGrad.apply(out.view(M, B, d_in), vals.detach(), idx, None, W_dec)
-    flat_bags = (bags + (torch.arange(M, device=idx.device) * n_bags)[:, None]).reshape(-1)
-    counts = torch.bincount(flat_bags, minlength=M * n_bags)
-    starts = counts.cumsum(0) - counts
-    out = F.embedding_bag((idx + offsets).reshape(-1), table, starts, per_sample_weights=vals.reshape(-1), mode="sum")
-    return _DecoderGrad.apply(out.view(M, n_bags, d_in), vals.detach(), idx, bags, W_dec)
+        starts, n = torch.arange(0, M * B * K, K, device=idx.device), M * B
+    else:
+        flat_bags = (bags + (torch.arange(M, device=idx.device) * n_bags)[:, None]).reshape(-1)
+        counts = torch.bincount(flat_bags, minlength=M * n_bags)
+        starts, n = counts.cumsum(0) - counts, M * n_bags
+    table = W_dec.detach().reshape(M * d_sae, d_in)
+    if gathers(table) and vals.dtype == torch.float32:
+        rows = table.to(torch.bfloat16) if precision.name == "bf16" else table
+        return _KernelDecode.apply(vals, W_dec, rows, flat_idx, starts, idx, bags).view(M, -1, d_in)
+    out = F.embedding_bag(flat_idx, table, starts, per_sample_weights=vals.reshape(-1), mode="sum")
+    return _DecoderGrad.apply(out.view(M, n // M, d_in), vals.detach(), idx, bags, W_dec)
 
 
 class _DecoderGrad(torch.autograd.Function):
-    """Passes the decoder output through and gives W_dec its gradient, Σ over the entries of each latent of
+    """Passes embedding_bag's output through and gives W_dec its gradient, Σ over the entries of each latent of
     vals · g_out[bag]."""
 
     @staticmethod
@@ -66,6 +79,25 @@ class _DecoderGrad(torch.autograd.Function):
     def backward(ctx, g_out):  # type: ignore[override]
         vals, idx, bags = ctx.saved_tensors
         return g_out, None, None, None, latent_sum(idx, vals, g_out, ctx.d_sae, rows=bags)[0]
+
+
+class _KernelDecode(torch.autograd.Function):
+    """The CPU kernels' decoder: gather_sum forward; backward, the gradient of vals by gather_dot (one dot product
+    per entry, against the rows the forward read) and W_dec's by latent_sum, as _DecoderGrad."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, rows, flat_idx, starts, idx, bags):  # type: ignore[override]
+        ctx.save_for_backward(vals, rows, flat_idx, starts, idx, bags)
+        ctx.d_sae = W_dec.shape[1]
+        return torch.ops.sparse_coding.gather_sum(rows, flat_idx, starts, vals.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, g_out):  # type: ignore[override]
+        vals, rows, flat_idx, starts, idx, bags = ctx.saved_tensors
+        M = idx.shape[0]
+        g_vals = torch.ops.sparse_coding.gather_dot(g_out, rows, flat_idx, starts).view_as(vals)
+        g_W = latent_sum(idx, vals, g_out.view(M, -1, g_out.shape[-1]), ctx.d_sae, rows=bags)[0]
+        return g_vals, g_W, None, None, None, None, None
 
 
 def top_dead(pre: Tensor, dead: Tensor, k_aux: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -126,7 +126,7 @@ class TopKSAE(SAE):
     def decode_entries(self, vals: Tensor, idx: Tensor, n_tokens: int) -> Tensor:
         """The selected entries (either layout, see saes/sparse.py) → their reconstruction [M, B, d_in], no bias;
         on a shard, this shard's part of it."""
-        return sparse_decode(vals, idx, self.decoder())
+        return sparse_decode(vals, idx, self.decoder(), precision=self.precision)
 
     def latents(self, idx: Tensor) -> Tensor:
         """The latent index of each selected entry (for the per-row layout, idx itself)."""
@@ -169,7 +169,7 @@ class TopKSAE(SAE):
         rest = target - self.skip_term(x) if self.skip else target
         loss, err, parts = self.reconstruction_loss(rest, vals, idx, total_variance)
         if k_aux > 0:
-            e_hat = self.across_latents(sparse_decode(aux_vals, aux_idx, self.decoder()))
+            e_hat = self.across_latents(sparse_decode(aux_vals, aux_idx, self.decoder(), precision=self.precision))
             auxk = (e_hat + err.detach()).pow(2).sum(dim=(1, 2)) / total_variance  # target is -err = x - x_hat
             scale = (n_dead.float() / (self.d_out // 2)).clamp(max=1.0)
             loss = loss + self.auxk_alpha * scale * auxk

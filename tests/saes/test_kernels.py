@@ -79,9 +79,10 @@ def _dense_latent_sum(sel, w, X, d_sae):
     return weights.mT @ X, weights.sum(1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the gather_sum kernel
 @pytest.mark.parametrize("expanded", [False, True])
-def test_latent_sum_matches_a_dense_matmul(expanded):
-    torch.set_default_dtype(torch.float64)
+def test_latent_sum_matches_a_dense_matmul(expanded, dtype):
+    torch.set_default_dtype(dtype)
     try:
         M, B, K, d, F = 3, 50, 6, 7, 40
         sel = torch.stack([torch.randperm(F)[:K] for _ in range(M * B)]).view(M, B, K)
@@ -92,7 +93,7 @@ def test_latent_sum_matches_a_dense_matmul(expanded):
         out = latent_sum(sel, w, X, F)
         for got, want in zip(out, ref, strict=True):
             assert got.shape == want.shape
-            assert torch.allclose(got, want, atol=1e-12)
+            assert torch.allclose(got, want, atol=1e-12 if dtype == torch.float64 else 1e-5)
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -231,3 +232,25 @@ def test_a_bf16_input_with_a_float32_bias_selects_as_its_widened_sum(per_slice):
     ref = x.float() + (bias[:, None, :] if per_slice else bias)
     assert vals.dtype == torch.float32
     assert torch.equal(vals, ref.topk(16).values) and torch.equal(ref.gather(-1, idx), vals)
+
+
+@pytest.mark.parametrize("rows_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [512, 37])  # 37: no multiple of the kernels' 16 lanes (the scalar tail)
+def test_sparse_decoder_kernels_match_embedding_bag(rows_dtype, d):
+    """gather_sum against embedding_bag's forward and gather_dot against the gradient autograd gives its
+    per-sample weights, on bags of different sizes (one empty), from float32 or bf16 rows (widened)."""
+    if not cpu_kernel_available():
+        pytest.skip("the CPU kernels are not built here")
+    ops = torch.ops.sparse_coding
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(300, d, generator=g).to(rows_dtype)
+    sizes = torch.tensor([3, 0, 7, 1, 32, 5])
+    idx = torch.randint(0, 300, (int(sizes.sum()),), generator=g)
+    starts = sizes.cumsum(0) - sizes
+    w = torch.randn(len(idx), generator=g, requires_grad=True)
+    ref = torch.nn.functional.embedding_bag(idx, table.float(), starts, per_sample_weights=w, mode="sum")
+    grad = torch.randn(len(sizes), d, generator=g)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(ops.gather_sum(table, idx, starts, w.detach()), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.gather_dot(grad, table, idx, starts), w.grad, rtol=1e-5, atol=1e-5)
+    assert (ops.gather_sum(table, idx, starts, w.detach())[1] == 0).all()  # the empty bag
