@@ -130,9 +130,12 @@ def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int, rows: Tensor | Non
         rows = torch.arange(R, device=sel.device).repeat_interleave(K).expand(M, -1)
     latents = (sel.reshape(M, -1) + (torch.arange(M, device=sel.device) * d_sae)[:, None]).reshape(-1)
     cols = (rows + (torch.arange(M, device=sel.device) * R)[:, None]).reshape(-1)
-    order = torch.argsort(latents, stable=True)
-    crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
-    crow[1:] = torch.bincount(latents, minlength=M * d_sae).cumsum(0)
+    if latents.device.type == "cpu" and cpu_kernel_available():  # a counting sort
+        order, crow = torch.ops.sparse_coding.by_latent(latents, M * d_sae)
+    else:
+        order = torch.argsort(latents, stable=True)
+        crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
+        crow[1:] = torch.bincount(latents, minlength=M * d_sae).cumsum(0)
     flat = w.reshape(-1)
     if gathers(X) and w.dtype == torch.float32:  # each latent's bag of rows: the sparse decoder's gather_sum
         out = torch.ops.sparse_coding.gather_sum(X.reshape(M * R, -1), cols[order], crow[:-1], flat[order])

@@ -254,3 +254,17 @@ def test_sparse_decoder_kernels_match_embedding_bag(rows_dtype, d):
     torch.testing.assert_close(ops.gather_sum(table, idx, starts, w.detach()), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ops.gather_dot(grad, table, idx, starts), w.grad, rtol=1e-5, atol=1e-5)
     assert (ops.gather_sum(table, idx, starts, w.detach())[1] == 0).all()  # the empty bag
+
+
+def test_by_latent_is_a_stable_counting_sort():
+    if not cpu_kernel_available():
+        pytest.skip("the CPU kernels are not built here")
+    latents = torch.randint(0, 50, (1000,))
+    latents[:3] = 49  # the last latent, whose entries end the order
+    order, crow = torch.ops.sparse_coding.by_latent(latents, 60)  # latents 50..59 chosen by none
+    assert torch.equal(order, torch.argsort(latents, stable=True))
+    assert torch.equal(
+        crow, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(latents, minlength=60).cumsum(0)])
+    )
+    with pytest.raises(RuntimeError, match="out of"):
+        torch.ops.sparse_coding.by_latent(torch.tensor([60]), 60)
