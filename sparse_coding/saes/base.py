@@ -99,8 +99,8 @@ class SAE(nn.Module, ABC):
     # Whether `select` takes the native bf16 product of a CPU matmul with an fp32 bias (the top-k kernel widens as
     # it reads; the values are those of the widened product): SparseEncode then skips the widening pass.
     selects_bf16: ClassVar[bool] = False
-    # Whether `decode` runs in the stack's precision: yes where training decodes with a dense matmul; the TopK
-    # family's sparse decoder stays fp32, so its evaluation does too.
+    # Whether `decode` (evaluation) runs in the stack's precision: yes where training decodes with a dense matmul;
+    # the TopK family trains through a sparse decoder (bf16 rows only in the CPU kernels), and evaluates in fp32.
     lowers_decoder: ClassVar[bool] = True
     # SAELens' training SAE for this architecture ("module.Class" under sae_lens.saes), what comparisons against
     # SAELens train (bench/vs_saelens.py); None where SAELens trains none.

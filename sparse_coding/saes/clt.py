@@ -66,7 +66,7 @@ class CrossLayerTranscoder(SAE):
     options = ("n_layers", "auxk_alpha", "dead_tokens_threshold", "decoder_bias")
     cross_layer = True
     layer_transcoder = True
-    lowers_decoder = False  # the sparse decoder stays fp32 under --train_dtype, as the TopK SAE's
+    lowers_decoder = False  # evaluation decodes in fp32, as the TopK SAE's
     selects_bf16 = True  # its top-k kernels read a native bf16 product with the fp32 bias, as the TopK SAE's
     activation_function: ClassVar[str] = "topk"  # cfg.json's name of the nonlinearity
 

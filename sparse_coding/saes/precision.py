@@ -12,9 +12,11 @@ matmul far slower than fp32 (~35x on an AVX2 EPYC). There the low precision is E
 to bf16/fp16 and multiplied in fp32 — the same rounding of the inputs as a native matmul with fp32
 accumulation, so quality figures are honest, but at fp32 speed (plus the rounding passes), never faster.
 
-Not lowered: the TopK family's sparse decoder and gradients (gathers and per-latent sums, O(B·k·d_in), memory
-bound), a skip transcoder's W_skip path and small bias-gradient products. fp32 is the plain path: no cast, the
-same calls as without the option, bit for bit.
+The TopK family's sparse path (gathers and per-latent sums, O(B·k·d_in), memory bound) has one lowered part: on
+CPU its gather kernels read the decoder's rows in bf16 under bf16 (the rounding a dense decoder's operand gets,
+half the bytes; sums in fp32; saes/sparse.py). Not lowered: the rest of it (per-latent sums, and everything on
+CUDA), a skip transcoder's W_skip path and small bias-gradient products. fp32 is the plain path: no cast, the same
+calls as without the option, bit for bit.
 """
 
 from __future__ import annotations

@@ -172,9 +172,10 @@ class ReluSAE(PenaltySAE):
         return TrainOutput(loss, {"mse": mse.detach(), "l1": l1.detach(), "l0": l0})
 
     def runs_sparse(self, codes: Tensor) -> bool:
-        """Whether a step with these codes [M, B, d_sae] takes the sparse path: fp32 only (its decoder, an
-        embedding-bag, has no low-precision form) and codes sparse enough, judged on every 64th token. Either path
-        is exact; this choice is a function of the codes alone, so a resumed run chooses as the killed one did."""
+        """Whether a step with these codes [M, B, d_sae] takes the sparse path: fp32 only (its gathers have a bf16
+        form in the CPU kernels alone; under bf16/fp16 the dense step's matmuls are) and codes sparse enough, judged
+        on every 64th token. Either path is exact; this choice is a function of the codes alone, so a resumed run
+        chooses as the killed one did."""
         if self.precision.low is not None:
             return False
         sample = codes[:, :: max(1, codes.shape[1] // 64)]

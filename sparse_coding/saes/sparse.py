@@ -8,8 +8,8 @@ Two layouts of the selected entries (values with their indices), both with a lea
   selection (BatchTopK) gives them; N is the same for every token of the batch only on average.
 
 A step then costs one dense matmul (the encoder forward), the selection and O(entries · d_in) work: the decoder is
-an embedding-bag over the chosen rows, and both weight gradients are per-latent sums over the same entries
-(kernels.latent_sum).
+a weighted sum of the chosen rows per token (gather_sum; embedding_bag off CPU), the codes' gradient a dot product
+per entry (gather_dot), and both weight gradients are per-latent sums over the same entries (kernels.latent_sum).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class TopKSAE(SAE):
     knob = "k"
     options = ("auxk_alpha", "dead_tokens_threshold", "decoder_bias", "decoder_init_norm")
     saelens_trainer = "topk_sae.TopKTrainingSAE"
-    lowers_decoder = False  # the sparse decoder (embedding-bag) stays fp32 under --train_dtype
+    lowers_decoder = False  # evaluation decodes in fp32 (training's sparse decoder: saes/sparse.py)
     selects_bf16 = True  # both top-k kernels (per row, batch-wide) read a native bf16 product, fp32 bias
     latent_tensors = SAE.latent_tensors + ("tokens_since_fired",)
 
