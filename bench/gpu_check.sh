@@ -36,6 +36,10 @@ for args in "--arch relu --d_in 512 --d_sae 8192 --batch 4096" \
 done
 log bench $?
 
+# Our TopK step against sparsify's on the same shapes, where eai-sparsify is installed (it is no dependency).
+timeout 90 $py bench/vs_sparsify.py --device "$dev" --steps 20 | tee -a "$out/bench.jsonl"
+log vs_sparsify $?
+
 # The report's full grid (17 l1 × 9 sizes, 20 000 steps): no mid-run checkpoints, this box is gone after.
 rm -rf "$run_dir"
 [ "$(left)" -gt 30 ] || { log paper_skipped 1; exit 1; }
