@@ -594,15 +594,6 @@ template <typename row_t>
     for (int64_t e = offsets[b]; e < end; ++e) out[e] = dot_row(g + b * d, table + idx[e] * d, d);
   }
 }
-SC_SIMD_CLONES void gather_dot_f32(const float* g, const float* table, const int64_t* idx, const int64_t* offsets,
-                                   int64_t n_bags, int64_t E, int64_t d, float* out, int64_t b0, int64_t b1) {
-  gather_dot_bags(g, table, idx, offsets, n_bags, E, d, out, b0, b1);
-}
-SC_SIMD_CLONES void gather_dot_bf16(const float* g, const at::BFloat16* table, const int64_t* idx,
-                                    const int64_t* offsets, int64_t n_bags, int64_t E, int64_t d, float* out,
-                                    int64_t b0, int64_t b1) {
-  gather_dot_bags(g, table, idx, offsets, n_bags, E, d, out, b0, b1);
-}
 
 template <typename row_t>
 [[gnu::always_inline]] inline void gather_sum_bags(const float* w, const row_t* table, const int64_t* idx,
@@ -630,15 +621,20 @@ template <typename row_t>
     }
   }
 }
-SC_SIMD_CLONES void gather_sum_f32(const float* w, const float* table, const int64_t* idx, const int64_t* offsets,
-                                   int64_t n_bags, int64_t E, int64_t d, float* out, int64_t b0, int64_t b1) {
-  gather_sum_bags(w, table, idx, offsets, n_bags, E, d, out, b0, b1);
-}
-SC_SIMD_CLONES void gather_sum_bf16(const float* w, const at::BFloat16* table, const int64_t* idx,
-                                    const int64_t* offsets, int64_t n_bags, int64_t E, int64_t d, float* out,
-                                    int64_t b0, int64_t b1) {
-  gather_sum_bags(w, table, idx, offsets, n_bags, E, d, out, b0, b1);
-}
+// NAME_f32 and NAME_bf16, a bag kernel (IMPL) for a float32 and a bf16 table, each compiled for every SIMD level
+// (target_clones takes no templates).
+#define SC_BAG_KERNELS(NAME, IMPL)                                                                                  \
+  SC_SIMD_CLONES void NAME##_f32(const float* src, const float* table, const int64_t* idx, const int64_t* offsets, \
+                                 int64_t n_bags, int64_t E, int64_t d, float* out, int64_t b0, int64_t b1) {      \
+    IMPL(src, table, idx, offsets, n_bags, E, d, out, b0, b1);                                                     \
+  }                                                                                                                \
+  SC_SIMD_CLONES void NAME##_bf16(const float* src, const at::BFloat16* table, const int64_t* idx,                 \
+                                  const int64_t* offsets, int64_t n_bags, int64_t E, int64_t d, float* out,        \
+                                  int64_t b0, int64_t b1) {                                                        \
+    IMPL(src, table, idx, offsets, n_bags, E, d, out, b0, b1);                                                     \
+  }
+SC_BAG_KERNELS(gather_dot, gather_dot_bags)
+SC_BAG_KERNELS(gather_sum, gather_sum_bags)
 
 void check_bags(const at::Tensor& table, const at::Tensor& idx, const at::Tensor& offsets, const char* name) {
   TORCH_CHECK(table.device().is_cpu() && table.dim() == 2, name, ": table must be a CPU tensor [T, d]");
@@ -649,6 +645,21 @@ void check_bags(const at::Tensor& table, const at::Tensor& idx, const at::Tensor
               name, ": idx and offsets must be int64 vectors");
 }
 
+// Runs one of the kernel pairs above (for a float32 table, for a bf16 one) over all bags, in parallel.
+template <typename F32, typename BF16>
+void over_bags(const at::Tensor& table, const float* src, const at::Tensor& idx, const at::Tensor& offsets, float* out,
+               F32 f32, BF16 bf16) {
+  const int64_t n_bags = offsets.numel(), E = idx.numel(), d = table.size(1);
+  const int64_t *ip = idx.const_data_ptr<int64_t>(), *op = offsets.const_data_ptr<int64_t>();
+  at::parallel_for(0, n_bags, 64, [&](int64_t b0, int64_t b1) {
+    if (table.scalar_type() == at::kFloat) {
+      f32(src, table.const_data_ptr<float>(), ip, op, n_bags, E, d, out, b0, b1);
+    } else {
+      bf16(src, table.const_data_ptr<at::BFloat16>(), ip, op, n_bags, E, d, out, b0, b1);
+    }
+  });
+}
+
 // weights, idx [E], offsets [n_bags] → [n_bags, d]: out[b] = Σ over bag b's entries of weights[e] · table[idx[e]].
 at::Tensor gather_sum(const at::Tensor& table_in, const at::Tensor& idx_in, const at::Tensor& offsets_in,
                       const at::Tensor& weights_in) {
@@ -657,18 +668,8 @@ at::Tensor gather_sum(const at::Tensor& table_in, const at::Tensor& idx_in, cons
               "gather_sum: one float32 weight per entry");
   const at::Tensor table = table_in.contiguous(), idx = idx_in.contiguous(), offsets = offsets_in.contiguous(),
                    w = weights_in.contiguous();
-  const int64_t n_bags = offsets.numel(), E = idx.numel(), d = table.size(1);
-  at::Tensor out = at::empty({n_bags, d}, table.options().dtype(at::kFloat));
-  at::parallel_for(0, n_bags, 64, [&](int64_t b0, int64_t b1) {
-    if (table.scalar_type() == at::kFloat) {
-      gather_sum_f32(w.const_data_ptr<float>(), table.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(),
-                     offsets.const_data_ptr<int64_t>(), n_bags, E, d, out.data_ptr<float>(), b0, b1);
-    } else {
-      gather_sum_bf16(w.const_data_ptr<float>(), table.const_data_ptr<at::BFloat16>(),
-                      idx.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), n_bags, E, d,
-                      out.data_ptr<float>(), b0, b1);
-    }
-  });
+  at::Tensor out = at::empty({offsets.numel(), table.size(1)}, table.options().dtype(at::kFloat));
+  over_bags(table, w.const_data_ptr<float>(), idx, offsets, out.data_ptr<float>(), gather_sum_f32, gather_sum_bf16);
   return out;
 }
 
@@ -681,18 +682,8 @@ at::Tensor gather_dot(const at::Tensor& grad_in, const at::Tensor& table_in, con
               "gather_dot: grad must be float32 [n_bags, d]");
   const at::Tensor table = table_in.contiguous(), idx = idx_in.contiguous(), offsets = offsets_in.contiguous(),
                    g = grad_in.contiguous();
-  const int64_t n_bags = offsets.numel(), E = idx.numel(), d = table.size(1);
-  at::Tensor out = at::empty({E}, g.options());
-  at::parallel_for(0, n_bags, 64, [&](int64_t b0, int64_t b1) {
-    if (table.scalar_type() == at::kFloat) {
-      gather_dot_f32(g.const_data_ptr<float>(), table.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(),
-                     offsets.const_data_ptr<int64_t>(), n_bags, E, d, out.data_ptr<float>(), b0, b1);
-    } else {
-      gather_dot_bf16(g.const_data_ptr<float>(), table.const_data_ptr<at::BFloat16>(),
-                      idx.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), n_bags, E, d,
-                      out.data_ptr<float>(), b0, b1);
-    }
-  });
+  at::Tensor out = at::empty({idx.numel()}, g.options());
+  over_bags(table, g.const_data_ptr<float>(), idx, offsets, out.data_ptr<float>(), gather_dot_f32, gather_dot_bf16);
   return out;
 }
 
