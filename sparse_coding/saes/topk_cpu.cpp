@@ -134,8 +134,9 @@ inline bool any_lane(i32x16 h) {
 #define SC_SIMD_CLONES
 #endif
 
-// The k-th largest of v[0..n) (no NaN), found bit by bit on the order keys: each step is one vectorisable
-// count, where nth_element's data-dependent branches mispredict about every other comparison.
+// The k-th largest of v[0..n) (no NaN, n ≤ 1024: a row's block maxima), found bit by bit on the order keys: each
+// step is one vectorisable count, where nth_element's data-dependent branches mispredict about every other
+// comparison. (kth_key, below, serves the batch top-k's hundreds of thousands of keys: 32 passes would not.)
 template <typename acc_t>
 [[gnu::always_inline]] inline acc_t kth_largest(const acc_t* v, int64_t n, int64_t k) {
   using key_t = decltype(order_key(acc_t{}));
