@@ -130,18 +130,18 @@ def latent_sum(sel: Tensor, w: Tensor, X: Tensor, d_sae: int, rows: Tensor | Non
         rows = torch.arange(R, device=sel.device).repeat_interleave(K).expand(M, -1)
     latents = (sel.reshape(M, -1) + (torch.arange(M, device=sel.device) * d_sae)[:, None]).reshape(-1)
     cols = (rows + (torch.arange(M, device=sel.device) * R)[:, None]).reshape(-1)
+    flat = w.reshape(-1)
     if latents.device.type == "cpu" and cpu_kernel_available():  # a counting sort
-        order, crow = torch.ops.sparse_coding.by_latent(latents, M * d_sae)
+        crow, cols_by, w_by = torch.ops.sparse_coding.by_latent(latents, M * d_sae, cols, flat)
     else:
         order = torch.argsort(latents, stable=True)
         crow = torch.zeros(M * d_sae + 1, dtype=torch.long, device=sel.device)
         crow[1:] = torch.bincount(latents, minlength=M * d_sae).cumsum(0)
-    flat = w.reshape(-1)
+        cols_by, w_by = cols[order], flat[order]
     if gathers(X) and w.dtype == torch.float32:  # each latent's bag of rows: the sparse decoder's gather_sum
-        out = torch.ops.sparse_coding.gather_sum(X.reshape(M * R, -1), cols[order], crow[:-1], flat[order])
-        out = out.view(M, d_sae, -1)
+        out = torch.ops.sparse_coding.gather_sum(X.reshape(M * R, -1), cols_by, crow[:-1], w_by).view(M, d_sae, -1)
     else:
-        by_latent = torch.sparse_csr_tensor(crow, cols[order], flat[order], (M * d_sae, M * R), check_invariants=False)
+        by_latent = torch.sparse_csr_tensor(crow, cols_by, w_by, (M * d_sae, M * R), check_invariants=False)
         # into an uninitialised output (beta 0 ignores it): `by_latent @ X` zero-fills its output first, ~1 ms a call
         out = torch.addmm(X.new_empty(M * d_sae, X.shape[-1]), by_latent, X.reshape(M * R, -1), beta=0)
         out = out.view(M, d_sae, -1)

@@ -257,14 +257,16 @@ def test_sparse_decoder_kernels_match_embedding_bag(rows_dtype, d):
 
 
 def test_by_latent_is_a_stable_counting_sort():
+    """CSR by latent: each latent's columns and weights in entry order, as a stable argsort of the latents gives."""
     if not cpu_kernel_available():
         pytest.skip("the CPU kernels are not built here")
     latents = torch.randint(0, 50, (1000,))
     latents[:3] = 49  # the last latent, whose entries end the order
-    order, crow = torch.ops.sparse_coding.by_latent(latents, 60)  # latents 50..59 chosen by none
-    assert torch.equal(order, torch.argsort(latents, stable=True))
-    assert torch.equal(
-        crow, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(latents, minlength=60).cumsum(0)])
-    )
+    cols, w = torch.randint(0, 99, (1000,)), torch.randn(1000, dtype=torch.float64)
+    crow, cols_by, w_by = torch.ops.sparse_coding.by_latent(latents, 60, cols, w)  # latents 50..59 chosen by none
+    order = torch.argsort(latents, stable=True)
+    assert torch.equal(cols_by, cols[order]) and torch.equal(w_by, w[order])
+    counts = torch.bincount(latents, minlength=60)
+    assert torch.equal(crow, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
     with pytest.raises(RuntimeError, match="out of"):
-        torch.ops.sparse_coding.by_latent(torch.tensor([60]), 60)
+        torch.ops.sparse_coding.by_latent(torch.tensor([60]), 60, torch.tensor([0]), torch.tensor([1.0]))
