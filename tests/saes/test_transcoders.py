@@ -88,3 +88,27 @@ def test_relu_transcoder_steps_match_dense_autograd(skip, relu_step):
             assert torch.allclose(fast[n], p.grad, atol=1e-10), n
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_topk_transcoder_step_matches_dense_autograd(skip):
+    """The sparse TopK step (its fused squared error included, whose backward also reaches a skip transcoder's
+    W_skip through the target) against FVU by dense autograd, in float64."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        tc = build_sae("topk", 6, 16, [{"k": 2}, {"k": 5}], d_out=5, skip=skip)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        x, target = torch.randn(9, 6), torch.randn(9, 5)
+        out = tc.train_forward(x, target=target)
+        out.loss.sum().backward()
+        fast = {n: p.grad.clone() for n, p in tc.named_parameters()}
+        tc.zero_grad()
+        ref = (tc.decode(tc.encode(x), x) - target).pow(2).sum((1, 2)) / (target - target.mean(0)).pow(2).sum()
+        ref.sum().backward()
+        assert torch.allclose(out.loss, ref, rtol=1e-10)
+        for n, p in tc.named_parameters():
+            assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+    finally:
+        torch.set_default_dtype(torch.float32)
