@@ -18,12 +18,18 @@ import torch
 from tqdm import tqdm
 
 from sparse_coding.errors import CheckpointError, ConfigError, UserError
+from sparse_coding.files import write_text
 from sparse_coding.locks import run_folder_lock
 
 # Environment faults a user fixes (disk full, no permission, read-only disk): one line, not a traceback.
 _ENV_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 RUN_MARKER = ".sparse_coding_run"  # in every run folder this tool made: only those are ever written into again
 OWN_FILES = ".sparse_coding"  # the prefix of the marker's and the lock's files (locks.py)
+
+
+def is_own_file(p: Path) -> bool:
+    """The marker, the lock's files, and their temporaries while atomic_write writes them ('.' + the name)."""
+    return p.name.startswith(OWN_FILES) or p.name.startswith("." + OWN_FILES)
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -81,7 +87,7 @@ def claim_folder(path: Path, kind: str) -> bool:
     created = not path.exists()
     with _writing(path):
         path.mkdir(parents=True, exist_ok=True)
-        (path / RUN_MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        write_text(path / RUN_MARKER, json.dumps({"kind": kind}) + "\n")  # whole, for another rank reading it now
     return created
 
 
@@ -103,7 +109,7 @@ def check_claimable(path: Path, kind: str) -> None:
         owner = json.loads(marker.read_text() or "{}").get("kind")
         if owner != kind:
             raise CheckpointError(f"{path} holds a {owner} run, not a {kind} run; choose another --out")
-    elif path.exists() and any(not p.name.startswith(OWN_FILES) for p in path.iterdir()):
+    elif path.exists() and not all(is_own_file(p) for p in path.iterdir()):
         raise CheckpointError(f"{path} is not empty and was not made by this tool; choose a new or empty --out")
 
 
@@ -132,7 +138,7 @@ def run_folder(out: str | None, name: str, kind: str, root: str = "outputs") -> 
     except BaseException:
         if lock is not None:
             lock.release()
-        if created and all(p.name.startswith(OWN_FILES) for p in path.iterdir()):
+        if created and all(is_own_file(p) for p in path.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
         raise
     if lock is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_coding.errors import BusyError
+from sparse_coding.errors import BusyError, CheckpointError
 from sparse_coding.locks import store_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +71,23 @@ def test_an_activation_store_being_written_is_refused_to_a_second_writer(tmp_pat
     lock.acquire()  # the kernel let go when the holder died
     lock.release()
     assert sorted(p.name for p in store.parent.iterdir()) == []  # nothing left beside the store
+
+
+def test_a_folder_another_rank_is_claiming_reads_as_ours(tmp_path):
+    """Under torchrun every rank checks --out while rank 0 claims it: the lock's holder file and the marker are
+    then half-written under atomic_write's temporary names ('.' + their names), which must not read as a stranger's
+    files ("not empty and was not made by this tool" failed a two-rank run once), nor the marker as a foreign run."""
+    from utils import RUN_MARKER, check_claimable, claim_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".sparse_coding.lock").touch()
+    (folder / "..sparse_coding.holder.json.tmp123").write_text("{")
+    (folder / f".{RUN_MARKER}.tmp123").write_text("")
+    check_claimable(folder, "toy")
+    claim_folder(folder, "toy")
+    assert json.loads((folder / RUN_MARKER).read_text()) == {"kind": "toy"}
+    (folder / "results.json").write_text("{}")  # a stranger's file still refuses an unmarked folder
+    (folder / RUN_MARKER).unlink()
+    with pytest.raises(CheckpointError, match="not made by this tool"):
+        check_claimable(folder, "toy")
