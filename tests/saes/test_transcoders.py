@@ -4,6 +4,7 @@ reloads here."""
 
 import pytest
 import torch
+from torch import Tensor
 
 from sparse_coding.saes import SAES, build_sae, single_hook_archs
 from sparse_coding.saes.saelens import load_sae, save_sae
@@ -66,26 +67,38 @@ def test_transcoders_save_for_saelens_and_reload(tmp_path, arch, skip):
         assert torch.allclose(loaded(x), ours, atol=1e-5)
 
 
+def _step_matches_dense_autograd(tc, reference) -> Tensor:
+    """Trains one step of transcoder `tc` (its weights moved off their init) and checks its loss and gradients against
+    reference(tc, codes, x, target) by dense autograd, in float64; gives the codes."""
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, target = torch.randn(9, 6), torch.randn(9, 5)
+    out = tc.train_forward(x, target=target)
+    out.loss.sum().backward()
+    fast = {n: p.grad.clone() for n, p in tc.named_parameters()}
+    tc.zero_grad()
+    codes = tc.encode(x)
+    ref = reference(tc, codes, x, target)
+    ref.sum().backward()
+    assert torch.allclose(out.loss, ref, rtol=1e-10)
+    for n, p in tc.named_parameters():
+        assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+    return codes
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_relu_transcoder_steps_match_dense_autograd(skip, relu_step):
     torch.set_default_dtype(torch.float64)
     try:
         tc = build_sae("relu", 6, 16, [{"l1_alpha": 0.3}, {"l1_alpha": 2.0}], d_out=5, skip=skip)
-        with torch.no_grad():
-            for p in tc.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-        x, target = torch.randn(9, 6), torch.randn(9, 5)
-        out = tc.train_forward(x, target=target)
-        out.loss.sum().backward()
-        fast = {n: p.grad.clone() for n, p in tc.named_parameters()}
-        tc.zero_grad()
-        codes = tc.encode(x)
-        ref = (tc.decode(codes, x) - target).pow(2).mean((1, 2)) + tc.l1_alpha / 16 * codes.sum(-1).mean(-1)
-        ref.sum().backward()
+        codes = _step_matches_dense_autograd(
+            tc,
+            lambda tc, codes, x, target: (
+                (tc.decode(codes, x) - target).pow(2).mean((1, 2)) + tc.l1_alpha / 16 * codes.sum(-1).mean(-1)
+            ),
+        )
         assert tc.runs_sparse(codes) == (relu_step == "sparse")
-        assert torch.allclose(out.loss, ref, rtol=1e-10)
-        for n, p in tc.named_parameters():
-            assert torch.allclose(fast[n], p.grad, atol=1e-10), n
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -97,18 +110,11 @@ def test_topk_transcoder_step_matches_dense_autograd(skip):
     torch.set_default_dtype(torch.float64)
     try:
         tc = build_sae("topk", 6, 16, [{"k": 2}, {"k": 5}], d_out=5, skip=skip)
-        with torch.no_grad():
-            for p in tc.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-        x, target = torch.randn(9, 6), torch.randn(9, 5)
-        out = tc.train_forward(x, target=target)
-        out.loss.sum().backward()
-        fast = {n: p.grad.clone() for n, p in tc.named_parameters()}
-        tc.zero_grad()
-        ref = (tc.decode(tc.encode(x), x) - target).pow(2).sum((1, 2)) / (target - target.mean(0)).pow(2).sum()
-        ref.sum().backward()
-        assert torch.allclose(out.loss, ref, rtol=1e-10)
-        for n, p in tc.named_parameters():
-            assert torch.allclose(fast[n], p.grad, atol=1e-10), n
+        _step_matches_dense_autograd(
+            tc,
+            lambda tc, codes, x, target: (
+                (tc.decode(codes, x) - target).pow(2).sum((1, 2)) / (target - target.mean(0)).pow(2).sum()
+            ),
+        )
     finally:
         torch.set_default_dtype(torch.float32)
