@@ -58,6 +58,19 @@ def uninitialised() -> Iterator[None]:
         _SKIP_INIT.reset(token)
 
 
+def target_variance(target: Tensor, groups: int = 1) -> Tensor:
+    """FVU's denominator: the batch's squared distance from its mean, summed over target [B, d] (a scalar), or
+    over each of `groups` equal blocks of columns ([groups]: a cross-layer transcoder's layers). Summed in float32
+    at least (a bf16 batch's would keep 8 bits of it); the whole one as a dot product (torch's var over dim 0 is
+    ~6x slower)."""
+    wide = target.to(torch.promote_types(target.dtype, torch.float32))
+    centered = wide - wide.mean(0)
+    if groups == 1:
+        flat = centered.reshape(-1)
+        return torch.dot(flat, flat)
+    return centered.pow(2).view(target.shape[0], groups, -1).sum(dim=(0, 2))  # (einsum's sum: ~5e-5 off in fp32)
+
+
 @dataclass
 class TrainOutput:
     """What one training forward gives back: `loss` [M] is what gets minimised; `parts` holds its terms and

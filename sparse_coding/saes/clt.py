@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sparse_coding.errors import ConfigError
-from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.base import SAE, BufferCache, TrainOutput, target_variance
 from sparse_coding.saes.batchtopk import THRESHOLD_LR
 from sparse_coding.saes.kernels import batch_topk, topk_last_dim
 from sparse_coding.saes.precision import FP32
@@ -294,7 +294,7 @@ class CrossLayerTranscoder(SAE):
         """err [M, B, L·d_out] against target [B, L·d_out] → (Σ_j FVU_j [M], squared error [M, L], target
         variance [L])."""
         M, B, L = self.n_models, target.shape[0], self.n_layers
-        variance = (target - target.mean(0)).pow(2).view(B, L, self.e).sum(dim=(0, 2))
+        variance = target_variance(target, L)
         sq = err.pow(2).view(M, B, L, self.e).sum(dim=(1, 3))
         return (sq / variance).sum(-1), sq, variance
 

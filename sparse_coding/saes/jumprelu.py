@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparse_coding.saes.base import SAE, BufferCache, PenaltySAE, TrainOutput
+from sparse_coding.saes.base import SAE, BufferCache, PenaltySAE, TrainOutput, target_variance
 from sparse_coding.saes.kernels import compiled
 from sparse_coding.saes.shard import LatentShard
 
@@ -105,7 +105,7 @@ class JumpReLUSAE(PenaltySAE):
         x_hat, l0 = self.decoded(x_hat), self.across_latents(l0)
         if self.skip:
             x_hat = x_hat + self.skip_term(x)
-        total_variance = (target - target.mean(0)).pow(2).sum()
+        total_variance = target_variance(target)
         sq_err = (x_hat - target).pow(2).sum(dim=(1, 2))
         fvu = sq_err / total_variance
         loss = fvu + self.coefficient() * l0 / self.d_out

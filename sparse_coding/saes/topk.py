@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sparse_coding.errors import ConfigError
-from sparse_coding.saes.base import SAE, BufferCache, TrainOutput
+from sparse_coding.saes.base import SAE, BufferCache, TrainOutput, target_variance
 from sparse_coding.saes.kernels import topk_last_dim
 from sparse_coding.saes.shard import LatentShard
 from sparse_coding.saes.sparse import SparseEncode, sparse_decode
@@ -164,9 +164,7 @@ class TopKSAE(SAE):
         vals, idx, aux_vals, aux_idx = SparseEncode.apply(
             x, self.encoder(), self.encoder_bias(), self.center_bias(), self, dead if k_aux > 0 else None, k_aux
         )
-        centered = (target - target.mean(0)).reshape(-1)  # (torch's var over dim 0 is ~6x slower here)
-        centered = centered.to(torch.promote_types(centered.dtype, torch.float32))  # a bf16 batch's: summed in fp32
-        total_variance = torch.dot(centered, centered)
+        total_variance = target_variance(target)
         # A skip transcoder's latents reconstruct what its linear path leaves: error = decode + skip - target.
         rest = target - self.skip_term(x) if self.skip else target
         loss, err, parts = self.reconstruction_loss(rest, vals, idx, total_variance)

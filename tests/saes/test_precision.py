@@ -10,6 +10,7 @@ import torch
 from sparse_coding.data.toy import ToyDataConfig, ToyGenerator
 from sparse_coding.eval import metrics
 from sparse_coding.saes import SAES, build_sae, precision
+from sparse_coding.saes.base import target_variance
 from sparse_coding.saes.precision import FP32, Precision
 from sparse_coding.training.config import SweepConfig
 from sparse_coding.training.trainer import Trainer, build_stacks
@@ -146,3 +147,16 @@ def test_bf16_training_matches_fp32_quality(arch):
     # selections, hence the trajectory, elsewhere, and here bf16 ends ~6 % better than fp32 (0.103 vs 0.110).
     assert fvu16 <= 1.01 * fvu32, (fvu16, fvu32)
     assert mmcs16 >= mmcs32 - 0.01, (mmcs16, mmcs32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_variance_is_summed_in_fp32_per_block(dtype):
+    """FVU's denominator against float64 by hand, whole and per block of columns (a CLT's layers): a bf16 batch's
+    comes back float32 and within float32 rounding of the truth, where a bf16 sum keeps only ~3 digits."""
+    target = (torch.randn(4096, 3 * 40, dtype=torch.float64) * 3 + 5).to(dtype)
+    exact = target.double() - target.double().mean(0)
+    blocks = exact.pow(2).view(4096, 3, 40).sum(dim=(0, 2))
+    whole, per_block = target_variance(target), target_variance(target, 3)
+    assert whole.dtype == per_block.dtype == torch.float32 and per_block.shape == (3,)
+    torch.testing.assert_close(whole.double(), exact.pow(2).sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(per_block.double(), blocks, rtol=1e-5, atol=0)
