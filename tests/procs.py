@@ -42,6 +42,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 class Exit:
     returncode: int
     stderr: str
+    stdout: str = ""
 
 
 def in_process(capsys: Any, main: Callable[[list[str]], object], *args: str) -> Exit:
@@ -55,4 +56,5 @@ def in_process(capsys: Any, main: Callable[[list[str]], object], *args: str) -> 
         code = 0
     except SystemExit as e:
         code = int(e.code or 0)
-    return Exit(code, capsys.readouterr().err)
+    out = capsys.readouterr()
+    return Exit(code, out.err, out.out)

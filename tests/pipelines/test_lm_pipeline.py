@@ -96,14 +96,15 @@ def test_ce_loss_recovered_is_one_for_perfect_and_zero_for_ablation(assets):
     assert out["kl"][0].item() == pytest.approx(0.0, abs=1e-6) and out["kl"][1] > 0
 
 
-def test_killed_sweep_resumes_to_the_same_saes(assets, tmp_path):
+def test_killed_sweep_resumes_to_the_same_saes(assets, tmp_path, capsys):
+    """Only the killed run needs a process of its own; the others run here (an interpreter's start-up each)."""
     args = ["--n_steps", "300", "--checkpoint_every", "20"]
-    assert _cli(*_args(assets, tmp_path / "unbroken", *args)).returncode == 0
+    assert _main(capsys, *_args(assets, tmp_path / "unbroken", *args)).returncode == 0
     killed = tmp_path / "killed"
     kill_after_checkpoint(
         [sys.executable, str(ROOT / "run.py"), *_args(assets, killed, *args)], killed, ROOT, grace=0.3
     )
-    r = _cli(*_args(assets, killed, *args))
+    r = _main(capsys, *_args(assets, killed, *args))
     assert r.returncode == 0, r.stderr
     for sae in (tmp_path / "unbroken" / "saes").iterdir():
         a = (sae / "sae_weights.safetensors").read_bytes()

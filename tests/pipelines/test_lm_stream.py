@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from lm_fixtures import smoke_run_args
-from procs import kill_after_checkpoint
+from procs import in_process, kill_after_checkpoint
 from safetensors.torch import load_file
 
 import evaluate
@@ -33,19 +33,19 @@ def _args(assets, out, *extra):
     return [*assets, "--out", str(out), *STREAM, *extra]
 
 
-def test_a_killed_stream_resumes_at_the_same_place_in_the_text(assets, tmp_path):
+def test_a_killed_stream_resumes_at_the_same_place_in_the_text(assets, tmp_path, capsys, monkeypatch):
+    """Only the killed run needs a process of its own; the others run here, in tmp_path as the killed one does."""
+    monkeypatch.chdir(tmp_path)
     extra = ["--arch", "topk", "--n_steps", "60", "--checkpoint_every", "20"]
-    cmd = [sys.executable, str(ROOT / "run.py")]
-    unbroken = subprocess.run([*cmd, *_args(assets, tmp_path / "unbroken", *extra)], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+    unbroken = in_process(capsys, run.main, *_args(assets, tmp_path / "unbroken", *extra))
     assert unbroken.returncode == 0, unbroken.stderr[-2000:]
     assert "nothing written to disk" in unbroken.stdout
     killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "run.py")]
     kill_after_checkpoint([*cmd, *_args(assets, killed, *extra)], killed, tmp_path, grace=0.2)
     position = load_file(killed / "checkpoint" / "state.safetensors")["data.stream"]
     assert position[0] >= 1  # killed past the first shuffle period: the resume recomputes two refills
-    resumed = subprocess.run([*cmd, *_args(assets, killed, *extra)], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    resumed = in_process(capsys, run.main, *_args(assets, killed, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "unbroken", killed))
     assert {k: v for k, v in a.items() if k != "config"} == {k: v for k, v in b.items() if k != "config"}

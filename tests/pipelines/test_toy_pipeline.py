@@ -98,19 +98,21 @@ def test_architectures_compared_on_a_hierarchy(tmp_path):
     assert r.returncode == 2 and "already holds a finished run" in r.stderr
 
 
-def test_killed_run_resumes_to_the_same_results(tmp_path):
+def test_killed_run_resumes_to_the_same_results(tmp_path, capsys):
+    """Only the killed run needs a process of its own; the others run here (an interpreter's start-up each)."""
     args = ["--preset", "smoke", "--n_steps", "400", "--checkpoint_every", "50"]
-    assert _cli(*args, "--out", str(tmp_path / "unbroken")).returncode == 0
+    assert in_process(capsys, replicate_toy_models.main, *args, "--out", str(tmp_path / "unbroken")).returncode == 0
 
     killed = tmp_path / "killed"
     kill_after_checkpoint(
         [sys.executable, str(ROOT / "replicate_toy_models.py"), *args, "--out", str(killed)], killed, ROOT
     )
     config_before = (killed / "config.json").read_text()
-    refused = _cli(*args, "--lr", "0.5", "--out", str(killed))  # other settings: refused, nothing overwritten
+    # other settings: refused, nothing overwritten
+    refused = in_process(capsys, replicate_toy_models.main, *args, "--lr", "0.5", "--out", str(killed))
     assert refused.returncode == 2 and "different settings" in refused.stderr
     assert (killed / "config.json").read_text() == config_before
-    assert _cli(*args, "--out", str(killed)).returncode == 0
+    assert in_process(capsys, replicate_toy_models.main, *args, "--out", str(killed)).returncode == 0
 
     a = json.loads((tmp_path / "unbroken" / "results.json").read_text())["runs"]
     b = json.loads((killed / "results.json").read_text())["runs"]
