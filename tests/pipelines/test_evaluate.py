@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from lm_fixtures import make_hooked_transformer, smoke_run_args, write_corpus, write_rst_corpus
+from procs import in_process
 from sae_lens import SAE as SAELensSAE
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.evals import get_downstream_reconstruction_metrics, get_sparsity_and_variance_metrics
@@ -141,18 +142,17 @@ def test_run_py_rows_carry_the_same_core_metrics_as_evaluate_py(lm_run, tmp_path
     assert row["ce_loss_recovered"] == pytest.approx(row["core"]["model_performance_preservation"]["ce_loss_score"])
 
 
-def test_steering_from_the_command_line(lm_run, tmp_path):
+def test_steering_from_the_command_line(lm_run, tmp_path, capsys):
+    """evaluate.py's command line as its script runs it (in this process: test_not_an_sae_folder starts the script)."""
     sae = next((lm_run / "run" / "saes").iterdir())
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--sae_dir", str(sae), "--out", str(tmp_path / "s"),
-                        "--steer", "3=40", "--prompt", "the cat sat on", "--top_tokens", "5"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = in_process(capsys, evaluate.main, "--sae_dir", str(sae), "--out", str(tmp_path / "s"), "--steer", "3=40",
+                   "--prompt", "the cat sat on", "--top_tokens", "5")  # fmt: skip
     assert r.returncode == 0, r.stderr
     steer = json.loads((tmp_path / "s" / "steer.json").read_text())
     assert len(steer["before"]) == len(steer["after"]) == 5 and "before" in r.stdout
     assert steer["before"] != steer["after"]
-    bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--sae_dir", str(sae), "--steer", "99999=1",
-                          "--prompt", "x", "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    bad = in_process(capsys, evaluate.main, "--sae_dir", str(sae), "--steer", "99999=1", "--prompt", "x", "--out",
+                     str(tmp_path / "bad"))  # fmt: skip
     assert bad.returncode == 2 and "not in 0.." in bad.stderr and "Traceback" not in bad.stderr
 
 
