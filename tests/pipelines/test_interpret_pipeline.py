@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from lm_fixtures import smoke_run_args
+from procs import in_process
 
 import interpret
 import run
@@ -53,12 +54,11 @@ def test_interpret_writes_summary_pages_and_resumes(lm_run, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != features[0])  # not recomputed
 
 
-def test_interpret_refuses_to_mix_settings_in_one_folder(lm_run, tmp_path):
+def test_interpret_refuses_to_mix_settings_in_one_folder(lm_run, tmp_path, capsys):
     out = tmp_path / "interp"
     args = ["--run_dir", str(lm_run), "--n_features", "2", "--max_rows", "32", "--baselines", "random", "--out"]
     interpret.main([*args, str(out)])
-    r = subprocess.run([sys.executable, str(ROOT / "interpret.py"), *args, str(out), "--seed", "1"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = in_process(capsys, interpret.main, *args, str(out), "--seed", "1")  # test_interpret_bad_input starts the script
     assert r.returncode == 2 and "other settings" in r.stderr
 
 

@@ -39,12 +39,6 @@ def _args(assets, out, *extra):
     return [*assets["args"], "--out", str(out), *extra]
 
 
-def _cli(*args, timeout=180):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def _main(capsys, *args):
     return in_process(capsys, run.main, *args)
 
@@ -111,21 +105,11 @@ def test_killed_sweep_resumes_to_the_same_saes(assets, tmp_path, capsys):
         assert a == (killed / "saes" / sae.name / "sae_weights.safetensors").read_bytes(), sae.name
 
 
-def test_continue_from_saved_saes(assets, tmp_path):
+def test_continue_from_saved_saes(assets, tmp_path, capsys):
     run.main(_args(assets, tmp_path / "first", "--n_steps", "5"))
     run.main(_args(assets, tmp_path / "second", "--n_steps", "5", "--load_autoencoders", str(tmp_path / "first")))
-    r = _cli(
-        *_args(
-            assets,
-            tmp_path / "third",
-            "--l1_exp_base",
-            "3",
-            "--l1_exp_high",
-            "-1",
-            "--load_autoencoders",
-            str(tmp_path / "first"),
-        )
-    )
+    r = _main(capsys, *_args(assets, tmp_path / "third", "--l1_exp_base", "3", "--l1_exp_high", "-1",
+                             "--load_autoencoders", str(tmp_path / "first")))  # fmt: skip
     assert r.returncode == 2 and "no SAE" in r.stderr
 
 
