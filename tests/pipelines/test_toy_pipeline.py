@@ -1,7 +1,6 @@
 """replicate_toy_models.py end to end: the DESIGN.md contract, resume after a kill, and clear failures."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,16 +28,6 @@ PLOTS = [
     "recon_loss_matrix.png",
     "mmcs_with_larger_matrix.png",
 ]
-
-
-def _cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "replicate_toy_models.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk"])
@@ -81,7 +70,7 @@ def test_every_architecture_in_one_sweep(tmp_path):
     assert len(list((tmp_path / "saes").iterdir())) == len(runs)
 
 
-def test_architectures_compared_on_a_hierarchy(tmp_path):
+def test_architectures_compared_on_a_hierarchy(tmp_path, capsys):
     args = ["--preset", "smoke", "--out", str(tmp_path), "--arch", "all", "--hierarchy_roots", "2",
             "--hierarchy_depth", "2", "--n_steps", "30"]  # fmt: skip
     replicate_toy_models.main(args)
@@ -94,7 +83,7 @@ def test_architectures_compared_on_a_hierarchy(tmp_path):
     assert all(f"| {arch} |" in table for arch in single_hook_archs())
     assert (tmp_path / "absorption_by_depth.png").stat().st_size > 1000
     assert json.loads((tmp_path / "comparison.json").read_text())["best_by_mcc"].keys() == set(single_hook_archs())
-    r = _cli(*args)
+    r = in_process(capsys, replicate_toy_models.main, *args)
     assert r.returncode == 2 and "already holds a finished run" in r.stderr
 
 
@@ -119,10 +108,10 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, capsys):
     assert a == b
 
 
-def test_a_finished_run_is_never_overwritten(tmp_path):
+def test_a_finished_run_is_never_overwritten(tmp_path, capsys):
     replicate_toy_models.main(["--preset", "smoke", "--out", str(tmp_path), "--n_steps", "5"])
     before = (tmp_path / "results.json").read_text()
-    r = _cli("--preset", "smoke", "--out", str(tmp_path))
+    r = in_process(capsys, replicate_toy_models.main, "--preset", "smoke", "--out", str(tmp_path))
     assert r.returncode == 2 and "already holds a finished run" in r.stderr
     assert (tmp_path / "results.json").read_text() == before
 
@@ -152,10 +141,10 @@ def test_bad_input_gives_one_clear_message(tmp_path, args, message, capsys):
     assert "Traceback" not in r.stderr
 
 
-def test_unwritable_out_is_refused(tmp_path):
+def test_unwritable_out_is_refused(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = _cli("--preset", "smoke", "--out", str(blocker / "run"))
+    r = in_process(capsys, replicate_toy_models.main, "--preset", "smoke", "--out", str(blocker / "run"))
     assert r.returncode == 2 and "cannot write to output folder" in r.stderr
 
 
