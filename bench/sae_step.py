@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sparse_coding.saes import SAES, build_sae, single_hook_archs  # noqa: E402
@@ -103,6 +105,19 @@ def roofline_step_seconds(
     return sum(median_time(gemms[name], repeats) for name in names)
 
 
+def stepped_trainer(
+    arch: str, M: int, B: int, d: int, f: int, knob: float, device: torch.device, train_dtype: str = "fp32"
+) -> tuple[Trainer, torch.Tensor]:
+    """A trainer over one stack and a batch for it, one step already taken (lazy buffers allocated)."""
+    torch.manual_seed(0)
+    sae = build_sae(arch, d, f, [{SAES[arch].knob: knob}] * M).to(device)
+    sae.precision = Precision(train_dtype)
+    trainer = Trainer([sae], lr=1e-4)  # the architecture's default clip and Adam ε, as training uses them
+    x = torch.randn(B, d, device=device)
+    trainer.step(x)
+    return trainer, x
+
+
 def step_seconds(
     arch: str,
     M: int,
@@ -116,13 +131,48 @@ def step_seconds(
 ) -> float:
     """Gives the median wall time of the trainer's own training step (forward, backward, gradient constraints and
     clipping, fused Adam) on a stack."""
-    torch.manual_seed(0)
-    sae = build_sae(arch, d, f, [{SAES[arch].knob: knob}] * M).to(device)
-    sae.precision = Precision(train_dtype)
-    trainer = Trainer([sae], lr=1e-4)  # the architecture's default clip and Adam ε, as training uses them
-    x = torch.randn(B, d, device=device)
-    trainer.step(x)
+    trainer, x = stepped_trainer(arch, M, B, d, f, knob, device, train_dtype)
     return median_time(lambda: trainer.step(x), steps)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched under it: views (no kernel) apart, and host reads of a tensor's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.views = self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.host_reads += 1
+        elif func.is_view:
+            self.views += 1
+        else:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatch_profile(trainer: Trainer, x: torch.Tensor, step_s: float) -> dict:
+    """What one step asks of the host: aten ops other than views (on a GPU each launches at least one kernel, a few
+    µs of host time apiece, so a small step can be bound by them rather than by the GPU) and host reads of a
+    tensor's value (on a GPU each waits for every kernel queued before it). On CUDA also the step's summed kernel
+    time (torch.profiler, one step) over its median wall time step_s: near 1 the GPU is the limit, well below it
+    the host is."""
+    with _OpCounter() as counter:
+        trainer.step(x)
+    row: dict = {"ops_per_step": counter.ops, "views_per_step": counter.views}
+    row["host_reads_per_step"] = counter.host_reads
+    if x.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            trainer.step(x)
+            sync()
+        kernels_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type != DeviceType.CPU)
+        row["kernel_ms_per_step"] = round(kernels_us / 1e3, 3)
+        row["device_busy"] = round(kernels_us / 1e6 / step_s, 3)
+    return row
 
 
 def main() -> None:
@@ -182,6 +232,7 @@ def main() -> None:
     if compare:
         row["fp32_tokens_per_s"] = round(M * B / statistics.median(r[2] for r in rounds))
         row["ratio_vs_fp32"] = round(statistics.median(r[2] / r[0] for r in rounds), 3) if units else "no bf16 units"
+    row.update(dispatch_profile(*stepped_trainer(a.arch, M, B, d, f, knob, device, a.train_dtype), t_step))
     if M > 1:  # the rival: one SAE, same tokens per step in one batch
         pairs = [
             (
