@@ -165,13 +165,16 @@ def dispatch_profile(trainer: Trainer, x: torch.Tensor, step_s: float) -> dict:
     if x.device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        sync()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            trainer.step(x)
+        try:  # (not run where this was written, without a GPU: a failure must not cost the row its timings)
             sync()
-        kernels_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type != DeviceType.CPU)
-        row["kernel_ms_per_step"] = round(kernels_us / 1e3, 3)
-        row["device_busy"] = round(kernels_us / 1e6 / step_s, 3)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                trainer.step(x)
+                sync()
+            kernels_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type != DeviceType.CPU)
+            row["kernel_ms_per_step"] = round(kernels_us / 1e3, 3)
+            row["device_busy"] = round(kernels_us / 1e6 / step_s, 3)
+        except Exception as e:
+            row["device_busy"], row["device_busy_error"] = None, f"{type(e).__name__}: {e}"[:300]
     return row
 
 
