@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from lm_fixtures import smoke_run_args
+from procs import one_thread
 from safetensors.torch import load_file
+
+import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,12 +32,17 @@ def one_relu(assets, tmp_path_factory):
 
 
 def _run(args, out, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "run.py"), *args, "--out", str(out)]
-    # torchrun gives each process one thread; the single process gets the same, so both run the same kernels
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    """run.py under torchrun with nproc processes, or (nproc 1) in this process on one thread, as torchrun gives each
+    of its processes, so both run the same kernels."""
+    if nproc == 1:
+        with one_thread():
+            run.main([*args, "--out", str(out)])
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([*launcher, str(ROOT / "run.py"), *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
 

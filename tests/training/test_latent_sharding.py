@@ -15,27 +15,33 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import kill_tree
+from procs import Exit, in_process, kill_tree, one_thread
 from safetensors.torch import load_file
 
+import replicate_toy_models
 from sparse_coding.pipelines.toy import smoke
 from sparse_coding.training.trainer import build_stacks
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun gives each process one thread; the single one gets the same
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it; the one-process runs here get one_thread()
 
 
-def _command(out: Path, nproc: int, *args: str) -> list[str]:
-    """replicate_toy_models.py in one plain process, or under torchrun with its latents split over nproc."""
-    toy = ["replicate_toy_models.py", "--preset", "smoke", "--out", str(out), *args]
-    if nproc == 1:
-        return [sys.executable, *toy]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, *toy, "--parallel", "latents"]
+def _command(out: Path, *args: str) -> list[str]:
+    """replicate_toy_models.py under torchrun with its latents split over 2 processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    toy = ["replicate_toy_models.py", "--preset", "smoke", "--out", str(out), *args, "--parallel", "latents"]
+    return [*launcher, *toy]
 
 
-def _toy(out: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(out, nproc, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+def _toy(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _toy_here(capsys, out: Path, *args: str) -> Exit:
+    """replicate_toy_models.py in this process (through run_main, as its script) on one thread, as torchrun gives
+    each of its processes."""
+    with one_thread():
+        return in_process(capsys, replicate_toy_models.main, "--preset", "smoke", "--out", str(out), *args)
 
 
 def _log(run: Path) -> list[dict]:
@@ -63,10 +69,10 @@ def _assert_same_training(one: Path, two: Path, atol: dict[str, float]) -> None:
         assert r["dead_features"] == rows_b[r["name"]]["dead_features"]
 
 
-def test_every_architecture_trains_on_two_shards_as_in_one_process(tmp_path):
+def test_every_architecture_trains_on_two_shards_as_in_one_process(tmp_path, capsys):
     # AuxK switched on early (latents silent for two batches count as dead), so its global top-k is exercised too
     args = ("--arch", "all", "--dead_tokens_threshold", "512")
-    one, two = _toy(tmp_path / "one", 1, *args), _toy(tmp_path / "two", 2, *args)
+    one, two = _toy_here(capsys, tmp_path / "one", *args), _toy(tmp_path / "two", *args)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert "latents split over 2 processes" in two.stdout
@@ -86,13 +92,13 @@ def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def test_a_killed_sharded_run_holds_half_per_process_and_resumes_only_with_as_many(tmp_path):
+def test_a_killed_sharded_run_holds_half_per_process_and_resumes_only_with_as_many(tmp_path, capsys):
     """relu with SAELens' free decoder and dead-latent resampling (every rank draws the whole dictionary's picks
     and keeps its own), killed after its first checkpoint."""
     args = ("--arch", "relu", "--decoder_init_norm", "0.1", "--resample_every", "20", "--checkpoint_every", "20",
             "--dict_ratio_exp_high", "1")  # fmt: skip
     out = tmp_path / "two"
-    proc = subprocess.Popen(_command(out, 2, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(out, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     states = [out / "checkpoint" / f"rank{r}" / "state.safetensors" for r in range(2)]
     deadline = time.time() + 120
@@ -111,15 +117,15 @@ def test_a_killed_sharded_run_holds_half_per_process_and_resumes_only_with_as_ma
         assert 0.5 <= share < 0.52, share  # 1/N, plus the replicated b_dec and per-model settings
 
     before = _digest(out)
-    refused = _toy(out, 1, *args)
+    refused = _toy_here(capsys, out, *args)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in")
     assert "written by 2 processes and this run has 1" in refused.stderr
     assert _digest(out) == before  # nothing changed
 
-    resumed = _toy(out, 2, *args)
+    resumed = _toy(out, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    alone = _toy(tmp_path / "one", 1, *args)
+    alone = _toy_here(capsys, tmp_path / "one", *args)
     assert alone.returncode == 0, alone.stderr[-3000:]
     # resampling draws from losses that differ in the last bits; a little more drift than plain training
     _assert_same_training(tmp_path / "one", out, {"relu": 1e-3})
