@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from lm_fixtures import smoke_run_args
-from procs import in_process, kill_after_checkpoint
+from procs import in_process, kill_after_checkpoint, one_thread
 from safetensors.torch import load_file
 
 import evaluate
@@ -83,12 +83,12 @@ def test_data_parallel_streaming_gathers_one_buffer_for_every_process(assets, tm
     relu (whose loss splits exactly over a batch) trains to the one-process result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["--arch", "relu", "--n_steps", "20"]
-    one = subprocess.run([sys.executable, str(ROOT / "run.py"), *_args(assets, tmp_path / "one", *extra)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    with one_thread():  # the one-process run here, on one thread as torchrun gives each rank
+        run.main(_args(assets, tmp_path / "one", *extra))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = subprocess.run([*launcher, str(ROOT / "run.py"), *_args(assets, tmp_path / "two", *extra), "--parallel",
                           "data"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
     for ra, rb in zip(a, b, strict=True):
         assert ra["fvu"] == pytest.approx(rb["fvu"], rel=1e-3) and ra["l0"] == pytest.approx(rb["l0"], rel=1e-3)
