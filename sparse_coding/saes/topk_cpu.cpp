@@ -2,8 +2,9 @@
 //
 // torch.topk copies every row into a (value, index) buffer and selects from that; for k much smaller than
 // the row (TopK SAEs: 32 of 8192) nearly every element can be ruled out by a bound, in vectorised passes
-// (block_topk below: rows read as float, float32 or bfloat16 with a float32 bias, the training path). Other rows,
-// rows with NaN, and rows too short for the bound take a heap (heap_topk).
+// (block_candidates below: rows read as float, float32 or bfloat16 with a float32 bias, the training path); such rows
+// too short for the bound (a toy's dictionaries) rank every element as a packed key (all_candidates). Other dtypes
+// and rows with NaN take a heap (heap_topk).
 //
 // Output is sorted by value, descending; equal values by index, ascending (the earliest index wins a tie at
 // the boundary too), so the result is deterministic. NaN counts as larger than any number, as in torch.topk.
@@ -147,7 +148,7 @@ template <typename acc_t>
   key_t t = 0;
   for (int bit = bits - 1; bit >= 0; --bit) {
     const key_t cand = t | (key_t{1} << bit);
-    int64_t count = 0;
+    int32_t count = 0;  // (32-bit, as the keys: the loop vectorises without widening)
     for (int64_t i = 0; i < n; ++i) count += keys[i] >= cand;
     if (count >= k) t = cand;
   }
@@ -277,6 +278,26 @@ SC_SIMD_CLONES int64_t block_candidates_bf16(const at::BFloat16* row, const floa
   return block_candidates(row, bias, n, k, G, bmax, cand);
 }
 
+// Rows too short for the bound (a few hundred elements, or k near the row's length: the toy's dictionaries): every
+// element as a packed key, for the caller's partial selection. -1 for a row with NaN (heap_topk's). The heap was
+// ~2x slower on such rows: a data-dependent branch per element and a NaN-aware comparison per sift.
+template <typename row_t>
+[[gnu::always_inline]] inline int64_t all_candidates(const row_t* row, const float* bias, int64_t n, uint64_t* cand) {
+  int nan = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = at_j<row_t, float, float>(row, bias, j);
+    nan |= v != v;
+    cand[j] = pack(v, j);
+  }
+  return nan ? -1 : n;
+}
+SC_SIMD_CLONES int64_t all_candidates_f32(const float* row, const float* bias, int64_t n, uint64_t* cand) {
+  return all_candidates(row, bias, n, cand);
+}
+SC_SIMD_CLONES int64_t all_candidates_bf16(const at::BFloat16* row, const float* bias, int64_t n, uint64_t* cand) {
+  return all_candidates(row, bias, n, cand);
+}
+
 // The top-k of every row of src (+ its slice's row of bias), written to val/idx [rows, k].
 template <typename scalar_t, typename bias_t, typename out_t>
 void topk_rows(const scalar_t* src, const bias_t* bias_p, int64_t rows, int64_t rows_per_bias, int64_t n, int64_t k,
@@ -293,28 +314,28 @@ void topk_rows(const scalar_t* src, const bias_t* bias_p, int64_t rows, int64_t 
     Scratch<acc_t> s;
     s.heap_v.resize(k);
     s.heap_i.resize(k);
-    if (blocks) {
-      s.block_max.resize(G);
-      s.cand.resize(n);
-    }
+    if (blocks) s.block_max.resize(G);
+    if (reads_float) s.cand.resize(n);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = src + r * n;
       const bias_t* br = bias_p + (r / rows_per_bias) * n;
       int64_t c = -1;
       if constexpr (reads_float) {
-        if (blocks) {
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            c = block_candidates_f32(row, br, n, k, G, s.block_max.data(), s.cand.data());
-          } else {
-            c = block_candidates_bf16(row, br, n, k, G, s.block_max.data(), s.cand.data());
-          }
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          c = blocks ? block_candidates_f32(row, br, n, k, G, s.block_max.data(), s.cand.data())
+                     : all_candidates_f32(row, br, n, s.cand.data());
+        } else {
+          c = blocks ? block_candidates_bf16(row, br, n, k, G, s.block_max.data(), s.cand.data())
+                     : all_candidates_bf16(row, br, n, s.cand.data());
         }
       }
       if (c < 0) {
         heap_topk<scalar_t, bias_t, out_t, acc_t>(row, br, n, k, s, val + r * k, idx + r * k);
         continue;
       }
-      std::sort(s.cand.begin(), s.cand.begin() + c, std::greater<uint64_t>());
+      // c ≥ k candidates: the k ranked first, in rank order
+      std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.begin() + c, std::greater<uint64_t>());
+      std::sort(s.cand.begin(), s.cand.begin() + k, std::greater<uint64_t>());
       for (int64_t j = 0; j < k; ++j) {
         val[r * k + j] = static_cast<out_t>(unpack_value(s.cand[j]));
         idx[r * k + j] = unpack_index(s.cand[j]);

@@ -40,15 +40,17 @@ def test_ties_go_to_the_lower_index_and_nan_ranks_first():
     assert vals[0, 0].isnan() and vals[0, 1:].tolist() == [3.0, 3.0]
 
 
-def test_ties_in_long_rows_rank_like_a_stable_sort():
-    """The bound's path (rows of thousands, a length that is no multiple of the block count): among equal
-    values (-0 and +0 included) the lower index wins, exactly as a stable sort of -x orders them."""
-    x = torch.randint(0, 20, (16, 8191)).float() - 19  # ~400 zeros a row: the top 32 are ties
+@pytest.mark.parametrize(("n", "k"), [(8191, 32), (100, 16), (40, 40)])
+def test_ties_rank_like_a_stable_sort(n, k):
+    """Rows long enough for the bound (thousands, a length that is no multiple of the block count) and rows too
+    short for it (every element a candidate: the toy's dictionaries): among equal values (-0 and +0 included) the
+    lower index wins, exactly as a stable sort of -x orders them."""
+    x = torch.randint(0, 20, (16, n)).float() - 19  # ~5 % zeros a row: the top k are ties
     x[:, ::2] = torch.where(x[:, ::2] == 0, -0.0, x[:, ::2])  # of both signs (a bias of -0 keeps them so)
-    x[3, 100] = float("nan")  # a NaN row takes the heap and must agree too
-    vals, idx = topk_last_dim(x, 32, torch.full((8191,), -0.0))
+    x[3, n // 2] = float("nan")  # a NaN row takes the heap and must agree too
+    vals, idx = topk_last_dim(x, k, torch.full((n,), -0.0))
     # (+ 0: -0 becomes +0, which torch's sort of long rows would otherwise rank apart)
-    want = torch.argsort(-x.nan_to_num(nan=float("inf")) + 0, dim=-1, stable=True)[:, :32]
+    want = torch.argsort(-x.nan_to_num(nan=float("inf")) + 0, dim=-1, stable=True)[:, :k]
     assert torch.equal(idx, want)
     assert torch.equal(vals[:, 1:], x.gather(-1, want)[:, 1:])
 
@@ -224,13 +226,14 @@ def test_nested_squared_error_kernel_matches_torch(dtype):
     torch.testing.assert_close(E, P.grad)
 
 
+@pytest.mark.parametrize("n", [512, 100])  # rows long enough for the bound, and too short for it
 @pytest.mark.parametrize("per_slice", [False, True])
-def test_a_bf16_input_with_a_float32_bias_selects_as_its_widened_sum(per_slice):
+def test_a_bf16_input_with_a_float32_bias_selects_as_its_widened_sum(per_slice, n):
     """A native bf16 matmul's product with an fp32 encoder bias: the elements of x.float() + bias, ranked and
     returned in float32, as torch.topk of that sum gives them (ties to the lower index)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 40, 512, generator=g).bfloat16()
-    bias = torch.randn(3, 512, generator=g) if per_slice else torch.randn(512, generator=g)
+    x = torch.randn(3, 40, n, generator=g).bfloat16()
+    bias = torch.randn(3, n, generator=g) if per_slice else torch.randn(n, generator=g)
     vals, idx = topk_last_dim(x, 16, bias)
     ref = x.float() + (bias[:, None, :] if per_slice else bias)
     assert vals.dtype == torch.float32
