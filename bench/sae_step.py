@@ -15,7 +15,8 @@ would be emulated at fp32 speed at best) the bf16 rows give "no bf16 units" in p
 --train_dtype bf16|fp16 times the step in that precision (saes/precision.py) against a roofline of the same matmuls
 really run in that dtype (torch.bmm on bf16/fp16 tensors), so the ratio is against the hardware's limit for the
 precision used; on a CPU without bf16/fp16 units that limit is far below fp32's and the step emulates the precision
-at about fp32 speed. --compare fp32 also times the fp32 step in the same rounds and prints both rates and their ratio.
+at about fp32 speed. --compare fp32 also times the fp32 step in the same rounds, its steps taken in turn with the
+other precision's, and prints both rates and their ratio.
 """
 
 from __future__ import annotations
@@ -135,6 +136,25 @@ def step_seconds(
     return median_time(lambda: trainer.step(x), steps)
 
 
+def paired_step_seconds(
+    arch: str, M: int, B: int, d: int, f: int, knob: float, device: torch.device, steps: int, train_dtype: str
+) -> tuple[float, float]:
+    """Gives the median wall times of the step in train_dtype and in fp32, their steps taken in turn: a drift in
+    the machine's speed (seconds long on a shared box) then hits both sides alike, where blocks of steps one after
+    the other put it on one side (per-round ratios moved by ±10 % that way)."""
+    low, x_low = stepped_trainer(arch, M, B, d, f, knob, device, train_dtype)
+    fp32, x_fp32 = stepped_trainer(arch, M, B, d, f, knob, device)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(steps):
+        for trainer, x, out in ((low, x_low, times[0]), (fp32, x_fp32, times[1])):
+            sync()
+            start = time.perf_counter()
+            trainer.step(x)
+            sync()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 class _OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched under it: views (no kernel) apart, and host reads of a tensor's value."""
 
@@ -203,15 +223,16 @@ def main() -> None:
     header = machine(M, B, d, f, device, a.repeats)
     print(json.dumps(header), flush=True)
     units = a.train_dtype != "bf16" or header["R_bf16_over_fp32"] >= NO_UNITS_BELOW
-    # Rounds alternate step and roofline timings (and the fp32 step), so drift in the machine's speed hits all alike.
-    rounds = [
-        (
-            step_seconds(a.arch, M, B, d, f, knob, device, a.steps, a.train_dtype),
-            roofline_step_seconds(SAES[a.arch].roofline_matmuls, M, B, d, f, device, a.repeats, dtype),
-            step_seconds(a.arch, M, B, d, f, knob, device, a.steps) if compare else 0.0,
-        )
-        for _ in range(a.rounds)
-    ]
+    # Rounds alternate step and roofline timings, so drift in the machine's speed hits both alike; with --compare the
+    # two precisions' steps alternate step by step.
+    rounds = []
+    for _ in range(a.rounds):
+        if compare:
+            t, t_fp32 = paired_step_seconds(a.arch, M, B, d, f, knob, device, a.steps, a.train_dtype)
+        else:
+            t, t_fp32 = step_seconds(a.arch, M, B, d, f, knob, device, a.steps, a.train_dtype), 0.0
+        roof = roofline_step_seconds(SAES[a.arch].roofline_matmuls, M, B, d, f, device, a.repeats, dtype)
+        rounds.append((t, roof, t_fp32))
     t_step = statistics.median(r[0] for r in rounds)
     t_roof = statistics.median(r[1] for r in rounds)
     ratio = statistics.median(r[1] / r[0] for r in rounds)
