@@ -39,16 +39,18 @@ from sparse_coding.training.trainer import Trainer  # noqa: E402
 from utils import tune_allocator  # noqa: E402
 
 
-def median_time(fn, repeats: int) -> float:
+def timed(fn) -> float:
+    """The wall time of one call of fn, queued device work included."""
+    sync()
+    start = time.perf_counter()
     fn()
     sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time.perf_counter() - start
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    return statistics.median(timed(fn) for _ in range(repeats))
 
 
 def sync() -> None:
@@ -144,15 +146,8 @@ def paired_step_seconds(
     the other put it on one side (per-round ratios moved by ±10 % that way)."""
     low, x_low = stepped_trainer(arch, M, B, d, f, knob, device, train_dtype)
     fp32, x_fp32 = stepped_trainer(arch, M, B, d, f, knob, device)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(steps):
-        for trainer, x, out in ((low, x_low, times[0]), (fp32, x_fp32, times[1])):
-            sync()
-            start = time.perf_counter()
-            trainer.step(x)
-            sync()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    pairs = [(timed(lambda: low.step(x_low)), timed(lambda: fp32.step(x_fp32))) for _ in range(steps)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 class _OpCounter(TorchDispatchMode):
